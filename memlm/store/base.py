@@ -99,7 +99,7 @@ class VectorStore(Protocol):
         """queries (H, Q, D) float32: all queries of a segment for one layer, in one call."""
 
     def evict_oldest(self, memory: str, layer: int, keep_blocks: int) -> int:
-        """FIFO: drop the oldest blocks so at most `keep_blocks` remain; returns how many left."""
+        """FIFO: drop the oldest blocks so at most `keep_blocks` remain; returns how many were dropped."""
 
     def save_state(self, memory: str, state: dict[str, np.ndarray]) -> None:
         """Small per-memory arrays a backend needs besides the blocks (local window, tokens,

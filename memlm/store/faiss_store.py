@@ -135,13 +135,16 @@ class FaissStore:
             raise ValueError("search keys contain NaN or Inf")
         heads, _, block_len, dim = blocks.keys.shape
         with self._lock:
-            mem = self._memories.setdefault(memory, Memory(dirty=True))
-            if layer not in mem.layers:
-                mem.layers[layer] = LayerBlocks.empty(heads, block_len, dim, blocks.keys.dtype)
-            stored = mem.layers[layer]
-            expected = stored.keys.array.shape[1:]
-            if (heads, block_len, dim) != expected:
+            # Check before creating anything: a rejected add must leave the store as it was.
+            mem = self._memories.get(memory)
+            stored = mem.layers.get(layer) if mem is not None else None
+            if stored is not None and (heads, block_len, dim) != stored.keys.array.shape[1:]:
+                expected = stored.keys.array.shape[1:]
                 raise ValueError(f"layer {layer} holds blocks of shape {expected}, got {(heads, block_len, dim)}")
+            if mem is None:
+                mem = self._memories[memory] = Memory(dirty=True)
+            if stored is None:
+                stored = mem.layers[layer] = LayerBlocks.empty(heads, block_len, dim, blocks.keys.dtype)
             stored.append(
                 blocks.search_keys.transpose(1, 0, 2),
                 blocks.keys.transpose(1, 0, 2, 3).astype(stored.keys.array.dtype, copy=False),
@@ -181,7 +184,7 @@ class FaissStore:
             mem.commit_id += 1
             for stored in mem.layers.values():
                 stored.committed_blocks, stored.committed_evicted = len(stored), stored.evicted
-            mem.committed_state = dict(mem.state)
+            mem.committed_state = mem.state  # the same object: `state is not committed_state` = saved since
             mem.dirty = False
 
     def rollback(self, memory: str) -> None:
@@ -203,7 +206,7 @@ class FaissStore:
                 stored.rebuild_indexes()
                 if stored.committed_blocks == 0 and not stored.files:
                     del mem.layers[layer]
-            mem.state = dict(mem.committed_state)
+            mem.state = mem.committed_state
             mem.dirty = False
 
     def delete(self, memory: str) -> None:
@@ -217,19 +220,32 @@ class FaissStore:
 
     # -- reads ----------------------------------------------------------------------------
 
-    def search(self, memory: str, layer: int, queries: np.ndarray, top_k: int) -> SearchResult:
+    def search(
+        self, memory: str, layer: int, queries: np.ndarray, top_k: int, skip_oldest: int = 0
+    ) -> SearchResult:
+        """`skip_oldest` leaves the oldest blocks out (what a client that evicted them in an
+        uncommitted transaction must no longer see; see memlm/store/buffered.py)."""
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
+        if queries.ndim != 3:
+            raise ValueError(f"queries must be (heads, queries, head_dim), got shape {queries.shape}")
+        if not np.all(np.isfinite(queries)):
+            raise ValueError("queries contain NaN or Inf")
         heads, num_queries, dim = queries.shape
         with self._lock:
             stored = self._get(memory).layers.get(layer)
-            if stored is None or len(stored) == 0:
+            if stored is None or len(stored) <= skip_oldest:
                 return _empty_result(heads, num_queries, dim)
-            k = min(top_k, len(stored))
+            if (heads, dim) != (len(stored.indexes), stored.keys.array.shape[-1]):
+                expected = (len(stored.indexes), stored.keys.array.shape[-1])
+                raise ValueError(f"layer {layer} holds (heads, head_dim) = {expected}, queries have {(heads, dim)}")
+            k = min(top_k, len(stored) - skip_oldest)
+            params = faiss.SearchParameters(sel=faiss.IDSelectorRange(skip_oldest, len(stored))) if skip_oldest else None
             scores = np.empty((heads, num_queries, k), np.float32)
             ids = np.empty((heads, num_queries, k), np.int64)
             for head, index in enumerate(stored.indexes):
-                scores[head], ids[head] = index.search(np.ascontiguousarray(queries[head], dtype=np.float32), k)
+                query = np.ascontiguousarray(queries[head], dtype=np.float32)
+                scores[head], ids[head] = index.search(query, k, params=params)
             head_index = np.arange(heads)[:, None, None]
             return SearchResult(
                 keys=stored.keys.array[ids, head_index],  # (H, Q, k, B, D)
@@ -292,9 +308,10 @@ class FaissStore:
                 files.append((name, new_blocks))
             stored.files = files
             manifest["layers"][str(layer)] = {"files": files, "skip": dead, "evicted": stored.evicted}
-        if mem.state is not mem.committed_state and mem.state:
-            mem.state_file = manifest["state"] = f"state-{commit_id:06d}.npz"
-            _atomic_savez(folder / mem.state_file, **mem.state)
+        if mem.state is not mem.committed_state:
+            mem.state_file = manifest["state"] = f"state-{commit_id:06d}.npz" if mem.state else None
+            if mem.state_file:
+                _atomic_savez(folder / mem.state_file, **mem.state)
         _atomic_write(folder / MANIFEST, json.dumps(manifest).encode())
         _remove_unreferenced(folder, manifest)
 

@@ -1,0 +1,76 @@
+"""Settings of a memory model. Defaults were picked by `memlm bench passkey` (README, Results)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+Backend = Literal["fot", "knn"]
+PositionMode = Literal["window", "zero", "exact"]
+BACKENDS: tuple[str, ...] = ("fot", "knn")
+POSITION_MODES: tuple[str, ...] = ("window", "zero", "exact")
+
+
+@dataclass
+class MemoryConfig:
+    backend: Backend = "fot"
+    # Tokens run through the model per forward pass while ingesting.
+    segment_len: int = 1024
+    # The first tokens of a document stay in local attention for good (attention sinks).
+    sink_len: int = 64
+    # Recent tokens before the current segment kept in local attention, whatever the segment
+    # boundaries: a question always sees this much of the document's end (DESIGN.md, lesson 1).
+    local_len: int = 1024
+    # Layers that read and write the external memory: a list of indices or "all".
+    memory_layers: list[int] | Literal["all"] = "all"
+    # Memory is stored and retrieved in blocks of consecutive tokens (1 = per-token kNN memory).
+    block_len: int = 64
+    # Blocks retrieved per key/value head for each chunk of queries.
+    top_k: int = 8
+    # Queries that share one retrieval (their summed query scores the blocks, as in InfLLM).
+    query_chunk: int = 128
+    # Where retrieved keys sit for RoPE: "window" (all at the position just before the local
+    # window, InfLLM), "zero" (all at position 0, LongLLaMA), "exact" (where they were written).
+    position_mode: PositionMode = "window"
+    # Read memory while ingesting (each segment sees the top-k of everything older), as the
+    # Memorizing/Focused Transformers do; reading only at question time is the cheaper choice.
+    read_memory_in_ingest: bool = True
+    # FIFO cap per memory layer; the oldest blocks leave first.
+    max_memory_tokens: int = 2_000_000
+    # Memorizing-Transformer gate bias b, g = sigmoid(b), per layer and head (knn backend).
+    gate_init: float = 0.0
+    # Storage precision of memory keys and values.
+    memory_dtype: Literal["float16", "float32"] = "float16"
+    extra: dict = field(default_factory=dict)
+
+    def validate(self, num_layers: int, max_positions: int) -> None:
+        """Raise ValueError with a message that says what to change."""
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+        if self.position_mode not in POSITION_MODES:
+            raise ValueError(f"unknown position_mode {self.position_mode!r}; choose one of {', '.join(POSITION_MODES)}")
+        for name in ("segment_len", "top_k", "block_len", "query_chunk", "max_memory_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.sink_len < 0 or self.local_len < 0:
+            raise ValueError("sink_len and local_len must be >= 0")
+        window = self.sink_len + 1 + self.local_len + self.block_len + self.segment_len
+        if self.position_mode != "exact" and window > max_positions:
+            raise ValueError(
+                f"sink_len + local_len + block_len + segment_len = {window} exceeds the model's context of "
+                f"{max_positions} tokens; lower segment_len or local_len"
+            )
+        for layer in self.layer_indices(num_layers):
+            if not 0 <= layer < num_layers:
+                raise ValueError(f"memory layer {layer} out of range: the model has {num_layers} layers")
+
+    def layer_indices(self, num_layers: int) -> list[int]:
+        return list(range(num_layers)) if self.memory_layers == "all" else sorted(self.memory_layers)
+
+    def storage_key(self) -> dict:
+        """Settings a stored memory depends on: reading it with others would be wrong."""
+        return {"block_len": self.block_len, "memory_layers": self.memory_layers, "sink_len": self.sink_len}
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))

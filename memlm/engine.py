@@ -1,0 +1,284 @@
+"""`MemoryLM`: tokenize, segment, run the model with memory attention, write, generate.
+
+    lm = MemoryLM.load()                          # embedded SmolLM2-135M-Instruct, fot, default store
+    lm.ingest(open("book.txt").read(), memory="book")
+    print(lm.generate("Who is the narrator?", memory="book"))
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from memlm.config import MemoryConfig
+from memlm.memory.backends import make_backend
+from memlm.memory.session import MemorySession, Retrieval
+from memlm.model.install import install_memory_attention
+from memlm.model.loading import load_model
+from memlm.store import MemoryNotFound, VectorStore, check_memory_name, open_store
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class IngestStats:
+    memory: str
+    tokens: int
+    segments: int
+    seconds: float
+    memory_tokens: int  # tokens now in the memory (all ingests), after FIFO eviction
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+
+@dataclass
+class Piece:
+    """One step of a streamed generation."""
+
+    text: str  # new text since the previous piece (may be empty while a character is incomplete)
+    token_id: int
+    finish_reason: str | None = None  # "stop" (EOS or stop string), "length" on the last piece
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    retrieved: dict[int, Retrieval]  # memory layer -> what the prompt's forward pass read
+
+
+class MemoryLM:
+    def __init__(self, model, tokenizer, store: VectorStore, config: MemoryConfig):
+        self.model, self.tokenizer, self.store = model, tokenizer, store
+        self.shape = install_memory_attention(model)
+        self.max_positions = int(model.config.max_position_embeddings)
+        config.validate(self.shape.num_layers, self.max_positions)
+        self.config = config
+        self.backend = make_backend(config.backend, self.shape.num_layers, self.shape.num_heads, config.gate_init)
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    @classmethod
+    def load(
+        cls,
+        model: str | Path | None = None,
+        backend: str = "fot",
+        store: str | VectorStore | None = None,
+        config: MemoryConfig | None = None,
+        dtype: str = "bfloat16",
+        device: str = "cpu",
+        **settings,
+    ) -> MemoryLM:
+        """`model` None: the embedded model. `store` None: FAISS under $MEMLM_HOME. Extra
+        keyword arguments override `MemoryConfig` fields (top_k=16, segment_len=512, ...)."""
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        config = replace(config or MemoryConfig(), backend=backend, **settings)
+        hf_model, tokenizer = load_model(model, dtype=DTYPES[dtype], device=device)
+        return cls(hf_model, tokenizer, open_store(store), config)
+
+    # -- memories -------------------------------------------------------------------------
+
+    def memories(self) -> list[str]:
+        return self.store.memories()
+
+    def forget(self, memory: str) -> None:
+        with self._lock(memory):
+            self.store.delete(memory)
+
+    def _lock(self, memory: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(memory, threading.Lock())
+
+    def _open_session(self, memory: str, writes: bool) -> MemorySession:
+        try:
+            state = self.store.load_state(memory)
+        except MemoryNotFound:
+            if not writes:
+                raise
+            state = None
+        if state is not None:
+            stored = json.loads(bytes(state["storage_key"]).decode())
+            if stored != json.loads(json.dumps(self.config.storage_key())):
+                raise ValueError(
+                    f"memory {memory!r} was written with {stored}; this model is set to "
+                    f"{self.config.storage_key()}: use the same settings or a new memory name"
+                )
+        return MemorySession(self.shape, self.config, self.backend, self.store, memory, writes, state)
+
+    # -- ingest ---------------------------------------------------------------------------
+
+    def ingest(self, text: str, memory: str, progress: bool = True) -> IngestStats:
+        """Read `text` into the named memory (appending when it exists). All or nothing: a
+        failure or interruption leaves the memory as it was."""
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("nothing to ingest: the text is empty")
+        token_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.ingest_tokens(token_ids, memory, progress=progress)
+
+    def ingest_tokens(self, token_ids: list[int], memory: str, progress: bool = True) -> IngestStats:
+        check_memory_name(memory)
+        if not token_ids:
+            raise ValueError("nothing to ingest: no tokens")
+        vocab = self.model.config.vocab_size
+        if min(token_ids) < 0 or max(token_ids) >= vocab:
+            raise ValueError(f"token ids must lie in [0, {vocab})")
+        started = time.perf_counter()
+        segment_len = self.config.segment_len
+        segments = range(0, len(token_ids), segment_len)
+        with self._lock(memory):
+            session = self._open_session(memory, writes=True)
+            try:
+                bar = tqdm(total=len(token_ids), unit="tok", desc=f"ingest {memory}", disable=not progress)
+                with bar:
+                    for start in segments:
+                        segment = token_ids[start : start + segment_len]
+                        self._forward(session, segment, logits=False)
+                        bar.update(len(segment))
+                state = session.state()
+                state["storage_key"] = np.frombuffer(json.dumps(self.config.storage_key()).encode(), dtype=np.uint8)
+                self.store.save_state(memory, state)
+                self.store.commit(memory)
+            except BaseException:
+                self.store.rollback(memory)
+                raise
+        return IngestStats(
+            memory=memory,
+            tokens=len(token_ids),
+            segments=len(segments),
+            seconds=time.perf_counter() - started,
+            memory_tokens=self.store.stats(memory).tokens,
+        )
+
+    @torch.inference_mode()
+    def _forward(self, session: MemorySession, token_ids: list[int], logits: bool) -> torch.Tensor | None:
+        device = self.model.device
+        input_ids = torch.tensor([token_ids], device=device)
+        position_ids = session.positions_for(len(token_ids)).unsqueeze(0).to(device)
+        if logits:
+            out = self.model(input_ids=input_ids, position_ids=position_ids, memory_session=session, logits_to_keep=1)
+            result = out.logits[0, -1].float()
+        else:  # ingest needs no logits: skip the LM head (a large share of a small model's work)
+            self.model.model(input_ids=input_ids, position_ids=position_ids, memory_session=session)
+            result = None
+        session.advance(token_ids)
+        return result
+
+    # -- generate -------------------------------------------------------------------------
+
+    def prompt_ids(self, prompt: str, chat: bool = True) -> list[int]:
+        if chat and self.tokenizer.chat_template:
+            return self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+    def stream(
+        self,
+        prompt: str,
+        memory: str | None = None,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: list[str] | None = None,
+        chat: bool = True,
+        seed: int | None = None,
+        result: GenerationResult | None = None,
+    ) -> Iterator[Piece]:
+        """Generate token by token, reading `memory` at every step in the memory layers.
+        Greedy when temperature is 0; nucleus sampling otherwise. Fills `result` if given."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError("the prompt is empty")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not 0.0 <= temperature <= 5.0:
+            raise ValueError(f"temperature must lie in [0, 5], got {temperature}")
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+        if memory is not None:
+            check_memory_name(memory)
+        prompt_ids = self.prompt_ids(prompt, chat)
+        # A generation reads a snapshot: the session copies the window, and the lock keeps an
+        # ingest from committing halfway through the read of the store's state.
+        if memory is None:
+            session = MemorySession(self.shape, self.config, self.backend, self.store, "-", writes=False)
+        else:
+            with self._lock(memory):
+                session = self._open_session(memory, writes=False)
+        session.positions_for(0)  # lay out the window to know where the prompt starts
+        used = session.window_end + len(prompt_ids) + max_new_tokens
+        if self.config.position_mode != "exact" and used > self.max_positions:
+            raise ValueError(
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) do not fit the model's "
+                f"context next to the memory's local window; shorten the prompt or lower max_new_tokens"
+            )
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        stop = [s for s in (stop or []) if s]
+        eos = set(_as_list(self.tokenizer.eos_token_id) + _as_list(getattr(self.model.generation_config, "eos_token_id", None)))
+        generated: list[int] = []
+        text = ""
+        logits = self._forward(session, prompt_ids, logits=True)
+        retrieved = dict(session.retrieved)
+        finish = "length"
+        for _ in range(max_new_tokens):
+            token = _pick(logits, temperature, top_p, generator)
+            if token in eos:
+                finish = "stop"
+                yield Piece("", token, finish)
+                break
+            generated.append(token)
+            full = self.tokenizer.decode(generated, skip_special_tokens=True)
+            piece, text = full[len(text) :], full
+            hit = next((s for s in stop if s in text), None)
+            if hit is not None:
+                cut = text.index(hit)
+                piece = piece[: max(0, len(piece) - (len(text) - cut))]
+                text, finish = text[:cut], "stop"
+                yield Piece(piece, token, finish)
+                break
+            last = len(generated) == max_new_tokens
+            yield Piece(piece, token, "length" if last else None)
+            if not last:
+                logits = self._forward(session, [token], logits=True)
+        if result is not None:
+            result.text, result.token_ids, result.finish_reason = text, generated, finish
+            result.prompt_tokens, result.retrieved = len(prompt_ids), retrieved
+
+    def generate(self, prompt: str, memory: str | None = None, **options) -> str:
+        return "".join(piece.text for piece in self.stream(prompt, memory, **options))
+
+    def generate_full(self, prompt: str, memory: str | None = None, **options) -> GenerationResult:
+        result = GenerationResult("", [], "", 0, {})
+        for _ in self.stream(prompt, memory, result=result, **options):
+            pass
+        return result
+
+
+def _as_list(value) -> list[int]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple, set)) else [int(value)]
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    if temperature == 0.0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / temperature, dim=-1)
+    sorted_probs, order = torch.sort(probs, descending=True)
+    # Keep the smallest set of tokens whose mass reaches top_p (always at least the first).
+    keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < top_p
+    sorted_probs = sorted_probs * keep
+    choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
+    return int(order[choice])

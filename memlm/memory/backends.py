@@ -1,0 +1,55 @@
+"""How a memory layer merges attention over its local window with attention over memory.
+
+`fot` (Focused Transformer): retrieved keys join the local keys in one softmax. Given each
+part's output and log-sum-exp, the joint softmax is exactly the two outputs weighted by
+their shares of the total mass, so with every past key retrieved this *is* full attention.
+
+`knn` (Memorizing Transformers): two separate softmaxes mixed by a learned per-head gate
+g = sigmoid(b): out = g * memory + (1 - g) * local.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from memlm.memory.attention import Attended, merge
+
+
+class MemoryBackend(Protocol):
+    name: str
+
+    def combine(self, layer: int, local: Attended, memory: Attended) -> torch.Tensor:
+        """Merge (Hkv, G, T, D) outputs of local and memory attention into one."""
+
+
+class FocusedBackend:
+    name = "fot"
+
+    def combine(self, layer: int, local: Attended, memory: Attended) -> torch.Tensor:
+        return merge(local, memory).out
+
+
+class MemorizingBackend(nn.Module):
+    name = "knn"
+
+    def __init__(self, num_layers: int, num_heads: int, gate_init: float):
+        super().__init__()
+        # One gate bias per layer and query head; only memory layers' rows are ever used.
+        self.gate_bias = nn.Parameter(torch.full((num_layers, num_heads), float(gate_init)))
+
+    def combine(self, layer: int, local: Attended, memory: Attended) -> torch.Tensor:
+        heads, group = local.out.shape[:2]
+        gate = torch.sigmoid(self.gate_bias[layer]).view(heads, group, 1, 1)
+        mixed = gate * memory.out.float() + (1.0 - gate) * local.out.float()
+        return mixed.to(local.out.dtype)
+
+
+def make_backend(name: str, num_layers: int, num_heads: int, gate_init: float) -> MemoryBackend:
+    if name == "fot":
+        return FocusedBackend()
+    if name == "knn":
+        return MemorizingBackend(num_layers, num_heads, gate_init)
+    raise ValueError(f"unknown backend {name!r}; choose fot or knn")

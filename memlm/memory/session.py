@@ -1,0 +1,244 @@
+"""A `MemorySession` is one pass over one memory: an ingest (which writes) or a generation
+(which only reads). It holds, per layer, the tokens in local attention (attention sinks +
+the recent window), lays out their RoPE positions for each forward pass, and is what the
+registered attention function calls for every layer.
+
+Keys are kept *unrotated* (RoPE undone) with their document positions, in the local window
+and in the store alike, and rotated to whatever position the layout gives them at read time:
+
+    window mode:  [sinks 0..S-1] [memory: all at S] [local window S+1 ..] [new tokens ..]
+    zero mode:    [sinks 0..S-1, memory: all at 0]  [local window S ..]   [new tokens ..]
+    exact mode:   every key at its document position (exactness tests; drifts past the
+                  model's context length)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from memlm.config import MemoryConfig
+from memlm.memory.attention import Attended, attend, attend_chunks, chunk_query_sums, rotate
+from memlm.memory.backends import MemoryBackend
+from memlm.store.base import Blocks, VectorStore
+
+NUMPY_DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+@dataclass
+class LayerWindow:
+    """Local attention of one layer: sinks then the recent window, oldest first."""
+
+    keys: torch.Tensor  # (Hkv, N, D) unrotated
+    values: torch.Tensor  # (Hkv, N, D)
+    # What this forward pass attends to before its own tokens, rotated for the current layout.
+    cache_keys: torch.Tensor | None = None
+    cache_values: torch.Tensor | None = None
+    # This forward pass's own keys/values, as the attention module produced them.
+    new_keys: torch.Tensor | None = None
+    new_values: torch.Tensor | None = None
+
+
+@dataclass
+class Retrieval:
+    """What a memory layer read in the last forward pass (for explanations in the demo)."""
+
+    positions: np.ndarray  # (Hkv, C, k, B)
+    scores: np.ndarray  # (Hkv, C, k)
+
+
+@dataclass
+class ModelShape:
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    inv_freq: torch.Tensor  # (D/2,)
+    dtype: torch.dtype
+
+
+class MemorySession:
+    def __init__(
+        self,
+        shape: ModelShape,
+        config: MemoryConfig,
+        backend: MemoryBackend,
+        store: VectorStore,
+        memory: str,
+        writes: bool,
+        state: dict[str, np.ndarray] | None = None,
+    ):
+        self.shape, self.config, self.backend, self.store = shape, config, backend, store
+        self.memory, self.writes = memory, writes
+        self.memory_layers = set(config.layer_indices(shape.num_layers))
+        self.reads_memory = config.read_memory_in_ingest or not writes
+        self.retrieved: dict[int, Retrieval] = {}
+        heads, dim = shape.num_kv_heads, shape.head_dim
+        if state is None:
+            empty = torch.zeros(heads, 0, dim, dtype=shape.dtype)
+            self.windows = [LayerWindow(empty, empty) for _ in range(shape.num_layers)]
+            self.positions = torch.zeros(0, dtype=torch.long)  # (N,) document positions of the window
+            self.next_position = 0
+            self.has_memory = False
+            self.token_ids: list[int] = []
+        else:
+            keys = torch.from_numpy(state["window_keys"].astype(np.float32)).to(shape.dtype)  # (layers, Hkv, N, D)
+            values = torch.from_numpy(state["window_values"].astype(np.float32)).to(shape.dtype)
+            self.windows = [LayerWindow(k, v) for k, v in zip(keys, values)]
+            self.positions = torch.from_numpy(state["window_positions"]).long()
+            self.next_position = int(state["next_position"])
+            self.has_memory = bool(state["has_memory"])
+            self.token_ids = state["token_ids"].tolist()
+        self._layout_done = False
+        self._new_positions = torch.zeros(0, dtype=torch.long)
+
+    # -- layout ---------------------------------------------------------------------------
+
+    @property
+    def sink_count(self) -> int:
+        return int((self.positions < self.config.sink_len).sum())
+
+    @property
+    def memory_position(self) -> int:
+        """Where retrieved keys sit (window/zero modes; also the search rotation in exact mode)."""
+        return 0 if self.config.position_mode == "zero" else self.sink_count
+
+    def _window_positions(self) -> torch.Tensor:
+        """RoPE positions of the local window for this layout, (N,)."""
+        if self.config.position_mode == "exact":
+            return self.positions
+        sinks = self.sink_count
+        gap = 1 if self.has_memory and self.config.position_mode == "window" else 0
+        local = torch.arange(len(self.positions) - sinks) + sinks + gap
+        return torch.cat([self.positions[:sinks], local])
+
+    def positions_for(self, num_new: int) -> torch.Tensor:
+        """Lay out a forward pass of `num_new` tokens; returns their RoPE positions (num_new,).
+
+        Ingest re-lays the window every segment (it slides); generation lays it out once and
+        then appends, so decoding never re-rotates the window.
+        """
+        if not self._layout_done:
+            self._prefix_positions = self._window_positions()
+            for window in self.windows:
+                window.cache_keys = rotate(window.keys, self._prefix_positions, self.shape.inv_freq)
+                window.cache_values = window.values
+            self._layout_done = True
+            self.window_end = (
+                self.next_position
+                if self.config.position_mode == "exact"
+                else int(self._prefix_positions[-1]) + 1 if len(self._prefix_positions) else 0
+            )
+        start = self.window_end
+        self._new_positions = torch.arange(start, start + num_new)
+        return self._new_positions
+
+    # -- attention (called by the registered attention function, once per layer) ----------
+
+    def attend(
+        self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
+    ) -> torch.Tensor:
+        """query (1, Hq, T, D), key/value (1, Hkv, T, D), rotated at `positions_for`'s positions.
+        Returns (1, T, Hq, D) as transformers' attention functions do."""
+        window = self.windows[layer]
+        heads, dim = self.shape.num_kv_heads, self.shape.head_dim
+        num_new = query.shape[2]
+        queries = query[0].view(heads, -1, num_new, dim)  # (Hkv, G, T, D)
+        keys = torch.cat([window.cache_keys, key[0]], dim=1)  # (Hkv, N+T, D)
+        values = torch.cat([window.cache_values, value[0]], dim=1)
+        local = attend(queries, keys, values, scaling, prefix=window.cache_keys.shape[1])
+        out = local.out
+        if self.reads_memory and self.has_memory and layer in self.memory_layers:
+            memory = self._read_memory(layer, queries, scaling)
+            if memory is not None:
+                out = self.backend.combine(layer, local, memory)
+        window.new_keys, window.new_values = key[0], value[0]
+        return out.reshape(-1, num_new, dim).transpose(0, 1).unsqueeze(0)
+
+    def _read_memory(self, layer: int, queries: torch.Tensor, scaling: float) -> Attended | None:
+        chunk = self.config.query_chunk
+        # Score blocks as if every memory key sat at the memory position: undo that much rotation.
+        search = rotate(chunk_query_sums(queries, chunk), torch.tensor(-self.memory_position), self.shape.inv_freq)
+        found = self.store.search(self.memory, layer, search.numpy(), self.config.top_k)
+        if found.k == 0:
+            return None
+        self.retrieved[layer] = Retrieval(found.positions, found.scores)
+        heads, chunks, k, block, dim = found.keys.shape
+        keys = torch.from_numpy(found.keys.reshape(heads, chunks, k * block, dim)).to(self.shape.dtype)
+        values = torch.from_numpy(found.values.reshape(heads, chunks, k * block, dim)).to(self.shape.dtype)
+        if self.config.position_mode == "exact":
+            where = torch.from_numpy(found.positions.reshape(heads, chunks, k * block))
+        else:
+            where = torch.tensor(self.memory_position)
+        keys = rotate(keys, where, self.shape.inv_freq)
+        return attend_chunks(queries, keys, values, scaling, chunk)
+
+    # -- after each forward pass ----------------------------------------------------------
+
+    def advance(self, token_ids: list[int]) -> None:
+        """Take in the forward pass just run: generation appends to the cached window; ingest
+        moves the new tokens into the window and evicts whole blocks of the oldest into memory."""
+        num_new = len(token_ids)
+        if not self.writes:
+            for window in self.windows:
+                window.cache_keys = torch.cat([window.cache_keys, window.new_keys], dim=1)
+                window.cache_values = torch.cat([window.cache_values, window.new_values], dim=1)
+            self.window_end += num_new
+            return
+        new_positions = torch.arange(self.next_position, self.next_position + num_new)
+        self.positions = torch.cat([self.positions, new_positions])
+        for window in self.windows:
+            unrotated = rotate(window.new_keys, -self._new_positions, self.shape.inv_freq)
+            window.keys = torch.cat([window.keys, unrotated], dim=1)
+            window.values = torch.cat([window.values, window.new_values], dim=1)
+            window.cache_keys = window.cache_values = window.new_keys = window.new_values = None
+        self.next_position += num_new
+        self.token_ids.extend(token_ids)
+        self._layout_done = False
+        self._evict_to_memory()
+
+    def _evict_to_memory(self) -> None:
+        sinks, block = self.sink_count, self.config.block_len
+        local = len(self.positions) - sinks
+        num_blocks = max(0, local - self.config.local_len) // block
+        if num_blocks == 0:
+            return
+        evicted = slice(sinks, sinks + num_blocks * block)
+        positions = self.positions[evicted].numpy().reshape(num_blocks, block)
+        dtype = NUMPY_DTYPES[self.config.memory_dtype]
+        keep_blocks = self.config.max_memory_tokens // block
+        for layer, window in enumerate(self.windows):
+            if layer in self.memory_layers:
+                heads, _, dim = window.keys.shape
+                keys = window.keys[:, evicted].float().reshape(heads, num_blocks, block, dim)
+                values = window.values[:, evicted].float().reshape(heads, num_blocks, block, dim)
+                self.store.add(
+                    self.memory,
+                    layer,
+                    Blocks(
+                        search_keys=keys.mean(dim=2).numpy(),
+                        keys=keys.numpy().astype(dtype),
+                        values=values.numpy().astype(dtype),
+                        positions=positions,
+                    ),
+                )
+                self.store.evict_oldest(self.memory, layer, keep_blocks)
+            window.keys = torch.cat([window.keys[:, :sinks], window.keys[:, evicted.stop :]], dim=1)
+            window.values = torch.cat([window.values[:, :sinks], window.values[:, evicted.stop :]], dim=1)
+        self.positions = torch.cat([self.positions[:sinks], self.positions[evicted.stop :]])
+        self.has_memory = self.has_memory or bool(self.memory_layers)
+
+    def state(self) -> dict[str, np.ndarray]:
+        """What `ask` in another process needs to continue from this session."""
+        dtype = NUMPY_DTYPES[self.config.memory_dtype]
+        return {
+            "window_keys": torch.stack([w.keys for w in self.windows]).float().numpy().astype(dtype),
+            "window_values": torch.stack([w.values for w in self.windows]).float().numpy().astype(dtype),
+            "window_positions": self.positions.numpy(),
+            "next_position": np.array(self.next_position),
+            "has_memory": np.array(self.has_memory),
+            "token_ids": np.array(self.token_ids, dtype=np.int32),
+        }
+

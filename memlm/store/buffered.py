@@ -1,0 +1,299 @@
+"""Transactions buffered in RAM in front of a store whose committed blocks live elsewhere.
+
+`RemoteStore` (committed blocks on a server) and `LanceStore` (in a Lance table) share one
+way of honouring the `VectorStore` transaction contract:
+
+- `add` puts blocks in a private in-RAM `FaissStore` (the *pending* store); nothing leaves
+  the process until `commit`.
+- `search` searches the committed blocks and the pending ones and merges the two top-k
+  lists by score: exactly the top-k of their union.
+- `evict_oldest` evicts from the committed blocks first (they are older) by *hiding* them:
+  the committed search skips the oldest `hidden` blocks of the layer. Blocks added and
+  evicted again in the same transaction are dropped from the pending store for good.
+- `commit` hands everything to `_write` as one `Changes` (the live new blocks of each
+  layer, how many committed blocks to drop, the final block count, the state), which the
+  subclass makes durable atomically. `rollback` throws the buffer away.
+
+A subclass implements the `_committed_*` reads, `_write`, `_delete_committed` and
+`memories`.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from memlm.store.base import Blocks, MemoryNotFound, MemoryStats, SearchResult, check_memory_name
+from memlm.store.faiss_store import FaissStore, _empty_result
+
+
+@dataclass
+class LayerChange:
+    """One layer's part of an open transaction."""
+
+    committed: int | None = None  # committed blocks of the layer, read at the first eviction
+    hidden: int = 0  # oldest committed blocks evicted in this transaction
+    evicted_new: int = 0  # blocks added and evicted again in this transaction
+
+
+@dataclass
+class Transaction:
+    layers: dict[int, LayerChange] = field(default_factory=dict)
+    state: dict[str, np.ndarray] | None = None  # None: not saved in this transaction
+
+
+@dataclass
+class LayerWrite:
+    """What a commit does to one layer, in this order: drop the oldest `drop_committed`
+    committed blocks, then append `blocks` (None: nothing new)."""
+
+    drop_committed: int
+    skipped_new: int  # blocks added then evicted in the transaction, before `blocks`
+    blocks: Blocks | None
+    keep_blocks: int | None  # blocks the layer holds afterwards, when the transaction evicted
+
+
+@dataclass
+class Changes:
+    memory: str
+    layers: dict[int, LayerWrite]
+    state: dict[str, np.ndarray] | None
+
+
+def merge_results(first: SearchResult | None, second: SearchResult | None, top_k: int) -> SearchResult | None:
+    """Top-k of the union of two search results over disjoint blocks. Ties keep `first`'s
+    blocks first, so committed (older) blocks win ties as they do in one FAISS index."""
+    if second is None or second.k == 0:
+        return first if first is not None else second
+    if first is None or first.k == 0:
+        return second
+    scores = np.concatenate([first.scores, second.scores], axis=2)  # (H, Q, k1 + k2)
+    order = np.argsort(-scores, axis=2, kind="stable")[:, :, :top_k]
+
+    def pick(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        both = np.concatenate([a, b.astype(a.dtype, copy=False)], axis=2)
+        index = order.reshape(order.shape + (1,) * (both.ndim - 3))
+        return np.take_along_axis(both, index, axis=2)
+
+    return SearchResult(
+        keys=pick(first.keys, second.keys),
+        values=pick(first.values, second.values),
+        positions=pick(first.positions, second.positions),
+        scores=np.take_along_axis(scores, order, axis=2),
+    )
+
+
+class BufferedStore(ABC):
+    """A `VectorStore` whose open transactions are kept in this process until commit.
+    Thread-safe; one lock per memory, so work on different memories runs in parallel."""
+
+    def __init__(self) -> None:
+        self._pending = FaissStore(None)
+        self._transactions: dict[str, Transaction] = {}
+        self._locks: defaultdict[str, threading.RLock] = defaultdict(threading.RLock)
+        self._locks_guard = threading.Lock()
+
+    # -- what a subclass provides ------------------------------------------------------
+
+    @abstractmethod
+    def _committed_search(
+        self, memory: str, layer: int, queries: np.ndarray, top_k: int, skip_oldest: int
+    ) -> SearchResult:
+        """Search the committed blocks, leaving out the oldest `skip_oldest`. Raises MemoryNotFound."""
+
+    @abstractmethod
+    def _committed_blocks(self, memory: str, layer: int) -> int:
+        """Committed blocks of a layer (0 for a layer never written). Raises MemoryNotFound."""
+
+    @abstractmethod
+    def _committed_state(self, memory: str) -> dict[str, np.ndarray]:
+        """Raises MemoryNotFound."""
+
+    @abstractmethod
+    def _committed_stats(self, memory: str) -> MemoryStats:
+        """Raises MemoryNotFound."""
+
+    @abstractmethod
+    def _write(self, changes: Changes) -> None:
+        """Make `changes` durable in one atomic step (all of it or none of it)."""
+
+    @abstractmethod
+    def _delete_committed(self, memory: str) -> None:
+        """Raises MemoryNotFound."""
+
+    @abstractmethod
+    def memories(self) -> list[str]:
+        """Names of the committed memories, sorted."""
+
+    def _check_blocks(self, memory: str, layer: int, blocks: Blocks) -> None:
+        """Reject blocks that do not fit the committed layer (where that is cheap to know)."""
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def _lock(self, memory: str) -> threading.RLock:
+        with self._locks_guard:
+            return self._locks[memory]
+
+    def add(self, memory: str, layer: int, blocks: Blocks) -> None:
+        check_memory_name(memory)
+        if blocks.num_blocks == 0:
+            return
+        with self._lock(memory):
+            self._check_blocks(memory, layer, blocks)
+            self._pending.add(memory, layer, blocks)
+            self._transactions.setdefault(memory, Transaction()).layers.setdefault(layer, LayerChange())
+
+    def evict_oldest(self, memory: str, layer: int, keep_blocks: int) -> int:
+        if keep_blocks < 0:
+            raise ValueError(f"keep_blocks must be >= 0, got {keep_blocks}")
+        with self._lock(memory):
+            txn = self._transactions.get(memory)
+            change = txn.layers.get(layer, LayerChange()) if txn is not None else LayerChange()
+            if change.committed is None:
+                try:
+                    change.committed = self._committed_blocks(memory, layer)
+                except MemoryNotFound:
+                    if txn is None:
+                        raise
+                    change.committed = 0  # a memory this transaction creates
+                if txn is not None:  # remember it: a remote store pays a round trip for it
+                    txn.layers[layer] = change
+            live_committed = change.committed - change.hidden
+            pending = self._pending_blocks(memory, layer)
+            drop = live_committed + pending - keep_blocks
+            if drop <= 0:
+                return 0
+            from_committed = min(drop, live_committed)
+            change.hidden += from_committed
+            if drop > from_committed:
+                self._pending.evict_oldest(memory, layer, keep_blocks)
+                change.evicted_new += drop - from_committed
+            txn = self._transactions.setdefault(memory, Transaction())
+            txn.layers[layer] = change
+            return drop
+
+    def save_state(self, memory: str, state: dict[str, np.ndarray]) -> None:
+        check_memory_name(memory)
+        with self._lock(memory):
+            txn = self._transactions.setdefault(memory, Transaction())
+            txn.state = {name: np.array(array) for name, array in state.items()}
+
+    def commit(self, memory: str) -> None:
+        with self._lock(memory):
+            txn = self._transactions.get(memory)
+            if txn is None:
+                self._committed_stats(memory)  # nothing to do, but an unknown memory is an error
+                return
+            layers = {}
+            for layer, change in txn.layers.items():
+                blocks = self._pending_layer(memory, layer)
+                evicted = change.hidden > 0 or change.evicted_new > 0
+                keep = (change.committed or 0) - change.hidden + (blocks.num_blocks if blocks else 0)
+                layers[layer] = LayerWrite(change.hidden, change.evicted_new, blocks, keep if evicted else None)
+            self._write(Changes(memory, layers, txn.state))  # raises: the transaction stays open
+            self._discard(memory)
+
+    def rollback(self, memory: str) -> None:
+        with self._lock(memory):
+            self._discard(memory)
+
+    def delete(self, memory: str) -> None:
+        with self._lock(memory):
+            had_transaction = self._discard(memory)
+            try:
+                self._delete_committed(memory)
+            except MemoryNotFound:
+                if not had_transaction:
+                    raise
+
+    def _discard(self, memory: str) -> bool:
+        self._pending.rollback(memory)  # never committed there, so this forgets it
+        return self._transactions.pop(memory, None) is not None
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def search(self, memory: str, layer: int, queries: np.ndarray, top_k: int) -> SearchResult:
+        if memory not in self._transactions:  # the common case: read-only, no lock needed
+            return self._committed_search(memory, layer, queries, top_k, 0)
+        with self._lock(memory):
+            txn = self._transactions.get(memory)
+            if txn is None:  # committed meanwhile by another thread
+                return self._committed_search(memory, layer, queries, top_k, 0)
+            change = txn.layers.get(layer, LayerChange())
+            try:
+                committed = self._committed_search(memory, layer, queries, top_k, change.hidden)
+            except MemoryNotFound:
+                committed = None  # created by this transaction
+            pending = None
+            if self._pending_blocks(memory, layer):
+                pending = self._pending.search(memory, layer, queries, top_k)
+            merged = merge_results(committed, pending, top_k)
+            return merged if merged is not None else _empty_result(*queries.shape)
+
+    def load_state(self, memory: str) -> dict[str, np.ndarray]:
+        with self._lock(memory):
+            txn = self._transactions.get(memory)
+            if txn is not None and txn.state is not None:
+                return dict(txn.state)
+            try:
+                return self._committed_state(memory)
+            except MemoryNotFound:
+                if txn is None:
+                    raise
+                return {}
+
+    def stats(self, memory: str) -> MemoryStats:
+        """Exact block counts. Mid-transaction, `tokens` and `bytes` assume every layer has
+        the same block length and bytes per block (true for memories a model writes)."""
+        with self._lock(memory):
+            txn = self._transactions.get(memory)
+            if txn is None:
+                return self._committed_stats(memory)
+            try:
+                committed = self._committed_stats(memory)
+            except MemoryNotFound:
+                committed = MemoryStats(memory)
+            pending = self._pending.stats(memory) if self._pending_blocks_any(memory) else MemoryStats(memory)
+            stats = MemoryStats(memory)
+            hidden_total = 0
+            for layer in sorted(set(committed.blocks_per_layer) | set(pending.blocks_per_layer)):
+                hidden = txn.layers[layer].hidden if layer in txn.layers else 0
+                hidden_total += hidden
+                stats.blocks_per_layer[layer] = (
+                    committed.blocks_per_layer.get(layer, 0) - hidden + pending.blocks_per_layer.get(layer, 0)
+                )
+            source = pending if pending.blocks_per_layer else committed
+            if source.blocks_per_layer and stats.blocks_per_layer:
+                block_len = source.tokens // max(max(source.blocks_per_layer.values()), 1)
+                stats.tokens = max(stats.blocks_per_layer.values()) * block_len
+            committed_total = sum(committed.blocks_per_layer.values())
+            kept = (committed_total - hidden_total) / committed_total if committed_total else 0.0
+            stats.bytes = int(committed.bytes * kept) + pending.bytes
+            return stats
+
+    # -- the pending store ------------------------------------------------------------------
+
+    def _pending_blocks_any(self, memory: str) -> bool:
+        return memory in self._pending._memories
+
+    def _pending_blocks(self, memory: str, layer: int) -> int:
+        mem = self._pending._memories.get(memory)
+        stored = mem.layers.get(layer) if mem is not None else None
+        return len(stored) if stored is not None else 0
+
+    def _pending_layer(self, memory: str, layer: int) -> Blocks | None:
+        """The live uncommitted blocks of a layer, oldest first, in `add`'s layout."""
+        if not self._pending_blocks(memory, layer):
+            return None
+        # Read the pending FaissStore's arrays in place (same package): block-major (N, H, ...).
+        stored = self._pending._memories[memory].layers[layer]
+        return Blocks(
+            search_keys=stored.search_keys.array.transpose(1, 0, 2),
+            keys=stored.keys.array.transpose(1, 0, 2, 3),
+            values=stored.values.array.transpose(1, 0, 2, 3),
+            positions=stored.positions.array,
+        )

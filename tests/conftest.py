@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny random models of each supported family, saved as local checkpoints."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config  # noqa: E402
+
+from memlm.config import MemoryConfig  # noqa: E402
+from memlm.engine import MemoryLM  # noqa: E402
+from memlm.store import FaissStore  # noqa: E402
+
+TINY = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+)
+FAMILIES = {
+    "llama": lambda: LlamaConfig(**TINY),
+    "mistral": lambda: MistralConfig(**TINY, sliding_window=None),
+    "qwen2": lambda: Qwen2Config(**TINY, use_sliding_window=False),
+}
+
+
+def tiny_model(family: str = "llama", seed: int = 0):
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(FAMILIES[family](), dtype=torch.float32).eval()
+
+
+class TinyTokenizer:
+    """Enough of a tokenizer for MemoryLM on a random model: one token per byte below 120."""
+
+    chat_template = None
+    eos_token_id = 127
+    vocab_size = 128
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": [b % 120 for b in text.encode()]}
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return "".join(chr(65 + i % 26) for i in ids)
+
+
+def tiny_lm(family: str = "llama", store=None, seed: int = 0, **settings) -> MemoryLM:
+    config = MemoryConfig(memory_dtype="float32", **settings)
+    return MemoryLM(tiny_model(family, seed), TinyTokenizer(), store or FaissStore(None), config)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path, monkeypatch):
+    """Tests never touch the user's ~/.memlm, except for the cached embedded model."""
+    monkeypatch.setenv("MEMLM_HOME", str(tmp_path / "memlm-home"))
+    cache = os.environ.get("MEMLM_TEST_MODEL_CACHE")
+    if cache:
+        (tmp_path / "memlm-home").mkdir()
+        (tmp_path / "memlm-home" / "models").symlink_to(cache)
