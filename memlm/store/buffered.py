@@ -134,7 +134,7 @@ class BufferedStore(ABC):
 
     # -- writes ---------------------------------------------------------------------------
 
-    def _lock(self, memory: str) -> threading.RLock:
+    def _memory_lock(self, memory: str) -> threading.RLock:
         with self._locks_guard:
             return self._locks[memory]
 
@@ -142,7 +142,7 @@ class BufferedStore(ABC):
         check_memory_name(memory)
         if blocks.num_blocks == 0:
             return
-        with self._lock(memory):
+        with self._memory_lock(memory):
             self._check_blocks(memory, layer, blocks)
             self._pending.add(memory, layer, blocks)
             self._transactions.setdefault(memory, Transaction()).layers.setdefault(layer, LayerChange())
@@ -150,7 +150,7 @@ class BufferedStore(ABC):
     def evict_oldest(self, memory: str, layer: int, keep_blocks: int) -> int:
         if keep_blocks < 0:
             raise ValueError(f"keep_blocks must be >= 0, got {keep_blocks}")
-        with self._lock(memory):
+        with self._memory_lock(memory):
             txn = self._transactions.get(memory)
             change = txn.layers.get(layer, LayerChange()) if txn is not None else LayerChange()
             if change.committed is None:
@@ -178,12 +178,12 @@ class BufferedStore(ABC):
 
     def save_state(self, memory: str, state: dict[str, np.ndarray]) -> None:
         check_memory_name(memory)
-        with self._lock(memory):
+        with self._memory_lock(memory):
             txn = self._transactions.setdefault(memory, Transaction())
             txn.state = {name: np.array(array) for name, array in state.items()}
 
     def commit(self, memory: str) -> None:
-        with self._lock(memory):
+        with self._memory_lock(memory):
             txn = self._transactions.get(memory)
             if txn is None:
                 self._committed_stats(memory)  # nothing to do, but an unknown memory is an error
@@ -198,11 +198,11 @@ class BufferedStore(ABC):
             self._discard(memory)
 
     def rollback(self, memory: str) -> None:
-        with self._lock(memory):
+        with self._memory_lock(memory):
             self._discard(memory)
 
     def delete(self, memory: str) -> None:
-        with self._lock(memory):
+        with self._memory_lock(memory):
             had_transaction = self._discard(memory)
             try:
                 self._delete_committed(memory)
@@ -219,7 +219,7 @@ class BufferedStore(ABC):
     def search(self, memory: str, layer: int, queries: np.ndarray, top_k: int) -> SearchResult:
         if memory not in self._transactions:  # the common case: read-only, no lock needed
             return self._committed_search(memory, layer, queries, top_k, 0)
-        with self._lock(memory):
+        with self._memory_lock(memory):
             txn = self._transactions.get(memory)
             if txn is None:  # committed meanwhile by another thread
                 return self._committed_search(memory, layer, queries, top_k, 0)
@@ -235,7 +235,7 @@ class BufferedStore(ABC):
             return merged if merged is not None else _empty_result(*queries.shape)
 
     def load_state(self, memory: str) -> dict[str, np.ndarray]:
-        with self._lock(memory):
+        with self._memory_lock(memory):
             txn = self._transactions.get(memory)
             if txn is not None and txn.state is not None:
                 return dict(txn.state)
@@ -249,7 +249,7 @@ class BufferedStore(ABC):
     def stats(self, memory: str) -> MemoryStats:
         """Exact block counts. Mid-transaction, `tokens` and `bytes` assume every layer has
         the same block length and bytes per block (true for memories a model writes)."""
-        with self._lock(memory):
+        with self._memory_lock(memory):
             txn = self._transactions.get(memory)
             if txn is None:
                 return self._committed_stats(memory)

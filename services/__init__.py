@@ -1,0 +1,1 @@
+"""gRPC servers and what they share (auth, health, TLS, graceful shutdown)."""
