@@ -216,21 +216,26 @@ class BufferedStore(ABC):
 
     # -- reads ----------------------------------------------------------------------------
 
-    def search(self, memory: str, layer: int, queries: np.ndarray, top_k: int) -> SearchResult:
+    def search(
+        self, memory: str, layer: int, queries: np.ndarray, top_k: int, skip_oldest: int = 0
+    ) -> SearchResult:
+        """`skip_oldest` leaves the oldest blocks out, as in `FaissStore.search`."""
         if memory not in self._transactions:  # the common case: read-only, no lock needed
-            return self._committed_search(memory, layer, queries, top_k, 0)
+            return self._committed_search(memory, layer, queries, top_k, skip_oldest)
         with self._memory_lock(memory):
             txn = self._transactions.get(memory)
             if txn is None:  # committed meanwhile by another thread
-                return self._committed_search(memory, layer, queries, top_k, 0)
+                return self._committed_search(memory, layer, queries, top_k, skip_oldest)
             change = txn.layers.get(layer, LayerChange())
+            skip = change.hidden + skip_oldest
             try:
-                committed = self._committed_search(memory, layer, queries, top_k, change.hidden)
+                committed = self._committed_search(memory, layer, queries, top_k, skip)
+                skip_pending = max(0, skip - self._committed_blocks(memory, layer)) if skip_oldest else 0
             except MemoryNotFound:
-                committed = None  # created by this transaction
+                committed, skip_pending = None, skip_oldest  # created by this transaction
             pending = None
-            if self._pending_blocks(memory, layer):
-                pending = self._pending.search(memory, layer, queries, top_k)
+            if self._pending_blocks(memory, layer) > skip_pending:
+                pending = self._pending.search(memory, layer, queries, top_k, skip_oldest=skip_pending)
             merged = merge_results(committed, pending, top_k)
             return merged if merged is not None else _empty_result(*queries.shape)
 
@@ -266,13 +271,14 @@ class BufferedStore(ABC):
                 stats.blocks_per_layer[layer] = (
                     committed.blocks_per_layer.get(layer, 0) - hidden + pending.blocks_per_layer.get(layer, 0)
                 )
-            source = pending if pending.blocks_per_layer else committed
-            if source.blocks_per_layer and stats.blocks_per_layer:
-                block_len = source.tokens // max(max(source.blocks_per_layer.values()), 1)
-                stats.tokens = max(stats.blocks_per_layer.values()) * block_len
+            for source in (pending, committed):  # tokens = blocks * block_len of its biggest layer
+                most = max(source.blocks_per_layer.values(), default=0)
+                if most:
+                    stats.tokens = max(stats.blocks_per_layer.values()) * (source.tokens // most)
+                    break
             committed_total = sum(committed.blocks_per_layer.values())
             kept = (committed_total - hidden_total) / committed_total if committed_total else 0.0
-            stats.bytes = int(committed.bytes * kept) + pending.bytes
+            stats.bytes = round(committed.bytes * kept) + pending.bytes
             return stats
 
     # -- the pending store ------------------------------------------------------------------

@@ -253,6 +253,8 @@ class LanceStore(BufferedStore):
             rows = query.to_arrow()
             if rows.num_rows != num_queries * k:  # an ANN probe came back short: answer exactly
                 rows = query.bypass_vector_index().to_arrow()
+            if "query_index" not in rows.column_names:  # Lance leaves it out for a single query
+                rows = rows.append_column("query_index", pa.array(np.zeros(rows.num_rows, np.int32)))
             rows = rows.sort_by([("query_index", "ascending"), ("_distance", "ascending")]).combine_chunks()
             found_keys = _fixed_rows(rows["search_key"], np.float32, (num_queries, k, dim))
             # Rescore exactly: Lance's dot distance is 1 - q.k in float32, which rounds away digits.
@@ -482,7 +484,8 @@ class LanceStore(BufferedStore):
                 if self.config.index_type == "IVF_PQ":
                     query = query.refine_factor(self.config.refine_factor)
             rows = query.to_arrow()
-            index, block = rows["query_index"].to_numpy(), rows["block"].to_numpy()
+            block = rows["block"].to_numpy()
+            index = rows["query_index"].to_numpy() if "query_index" in rows.column_names else np.zeros_like(block)
             return [set(block[index == i]) for i in range(len(queries))]
 
         exact = found(None)
