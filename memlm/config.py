@@ -21,13 +21,13 @@ class MemoryConfig:
     sink_len: int = 64
     # Recent tokens before the current segment kept in local attention, whatever the segment
     # boundaries: a question always sees this much of the document's end (DESIGN.md, lesson 1).
-    local_len: int = 1024
+    local_len: int = 512
     # Layers that read and write the external memory: a list of indices or "all".
     memory_layers: list[int] | Literal["all"] = "all"
     # Memory is stored and retrieved in blocks of consecutive tokens (1 = per-token kNN memory).
     block_len: int = 64
     # Blocks retrieved per key/value head for each chunk of queries.
-    top_k: int = 8
+    top_k: int = 4
     # Queries that share one retrieval (their summed query scores the blocks, as in InfLLM).
     query_chunk: int = 128
     # Where retrieved keys sit for RoPE: "window" (all at the position just before the local

@@ -35,6 +35,7 @@ class IngestStats:
     segments: int
     seconds: float
     memory_tokens: int  # tokens now in the memory (all ingests), after FIFO eviction
+    logits: torch.Tensor | None = None  # (T, vocab) when asked for
 
     @property
     def tokens_per_second(self) -> float:
@@ -128,7 +129,11 @@ class MemoryLM:
         token_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return self.ingest_tokens(token_ids, memory, progress=progress)
 
-    def ingest_tokens(self, token_ids: list[int], memory: str, progress: bool = True) -> IngestStats:
+    def ingest_tokens(
+        self, token_ids: list[int], memory: str, progress: bool = True, return_logits: bool = False
+    ) -> IngestStats:
+        """Ingest token ids; with `return_logits` the stats also carry the logits of every
+        token as the memory model computed them (exactness tests, perplexity)."""
         check_memory_name(memory)
         if not token_ids:
             raise ValueError("nothing to ingest: no tokens")
@@ -138,6 +143,7 @@ class MemoryLM:
         started = time.perf_counter()
         segment_len = self.config.segment_len
         segments = range(0, len(token_ids), segment_len)
+        logits: list[torch.Tensor] = []
         with self._lock(memory):
             session = self._open_session(memory, writes=True)
             try:
@@ -145,7 +151,9 @@ class MemoryLM:
                 with bar:
                     for start in segments:
                         segment = token_ids[start : start + segment_len]
-                        self._forward(session, segment, logits=False)
+                        out = self._forward(session, segment, logits="all" if return_logits else "none")
+                        if return_logits:
+                            logits.append(out)
                         bar.update(len(segment))
                 state = session.state()
                 state["storage_key"] = np.frombuffer(json.dumps(self.config.storage_key()).encode(), dtype=np.uint8)
@@ -160,19 +168,22 @@ class MemoryLM:
             segments=len(segments),
             seconds=time.perf_counter() - started,
             memory_tokens=self.store.stats(memory).tokens,
+            logits=torch.cat(logits) if return_logits else None,
         )
 
     @torch.inference_mode()
-    def _forward(self, session: MemorySession, token_ids: list[int], logits: bool) -> torch.Tensor | None:
+    def _forward(self, session: MemorySession, token_ids: list[int], logits: str) -> torch.Tensor | None:
+        """Run tokens through the model; logits "none", "last" (T=1 row) or "all" (T rows)."""
         device = self.model.device
         input_ids = torch.tensor([token_ids], device=device)
         position_ids = session.positions_for(len(token_ids)).unsqueeze(0).to(device)
-        if logits:
-            out = self.model(input_ids=input_ids, position_ids=position_ids, memory_session=session, logits_to_keep=1)
-            result = out.logits[0, -1].float()
-        else:  # ingest needs no logits: skip the LM head (a large share of a small model's work)
+        if logits == "none":  # ingest needs no logits: skip the LM head (a large share of a small model's work)
             self.model.model(input_ids=input_ids, position_ids=position_ids, memory_session=session)
             result = None
+        else:
+            keep = 1 if logits == "last" else 0
+            out = self.model(input_ids=input_ids, position_ids=position_ids, memory_session=session, logits_to_keep=keep)
+            result = out.logits[0].float()
         session.advance(token_ids)
         return result
 
@@ -229,7 +240,7 @@ class MemoryLM:
         eos = set(_as_list(self.tokenizer.eos_token_id) + _as_list(getattr(self.model.generation_config, "eos_token_id", None)))
         generated: list[int] = []
         text = ""
-        logits = self._forward(session, prompt_ids, logits=True)
+        logits = self._forward(session, prompt_ids, logits="last")[-1]
         retrieved = dict(session.retrieved)
         finish = "length"
         for _ in range(max_new_tokens):
@@ -251,7 +262,7 @@ class MemoryLM:
             last = len(generated) == max_new_tokens
             yield Piece(piece, token, "length" if last else None)
             if not last:
-                logits = self._forward(session, [token], logits=True)
+                logits = self._forward(session, [token], logits="last")[-1]
         if result is not None:
             result.text, result.token_ids, result.finish_reason = text, generated, finish
             result.prompt_tokens, result.retrieved = len(prompt_ids), retrieved

@@ -74,6 +74,9 @@ class LayerBlocks:
     files: list[tuple[str, int]] = field(default_factory=list)  # committed files: (name, number of blocks)
     committed_blocks: int = 0  # live blocks at the last commit (for rollback)
     committed_evicted: int = 0
+    # Blocks FIFO eviction dropped since the last commit, oldest first: a rollback puts them back.
+    evicted_since_commit: list[tuple[np.ndarray, ...]] = field(default_factory=list)
+    added_since_commit: int = 0
 
     @classmethod
     def empty(cls, heads: int, block_len: int, dim: int, dtype: np.dtype) -> LayerBlocks:
@@ -91,8 +94,41 @@ class LayerBlocks:
         self.keys.append(keys)
         self.values.append(values)
         self.positions.append(positions)
+        self.added_since_commit += len(keys)
         for head, index in enumerate(self.indexes):
             index.add(np.ascontiguousarray(search_keys[:, head], dtype=np.float32))
+
+    def arrays(self) -> tuple[GrowableArray, ...]:
+        return self.search_keys, self.keys, self.values, self.positions
+
+    def drop_oldest(self, n: int) -> None:
+        self.evicted_since_commit.append(tuple(a.array[:n].copy() for a in self.arrays()))
+        for array in self.arrays():
+            array.drop_front(n)
+        self.evicted += n
+        self.rebuild_indexes()
+
+    def mark_committed(self) -> None:
+        self.committed_blocks, self.committed_evicted = len(self), self.evicted
+        self.evicted_since_commit, self.added_since_commit = [], 0
+
+    @property
+    def new_live_blocks(self) -> int:
+        """Blocks added since the last commit that eviction has not dropped again."""
+        evicted_now = self.evicted - self.committed_evicted
+        return self.added_since_commit - max(0, evicted_now - self.committed_blocks)
+
+    def roll_back(self) -> None:
+        """Back to the last commit: evicted blocks return to the front, newer ones go."""
+        restored = [
+            np.concatenate([dropped[i] for dropped in self.evicted_since_commit] + [array.array])
+            for i, array in enumerate(self.arrays())
+        ]
+        for array, rows in zip(self.arrays(), restored):
+            array.truncate(0)
+            array.append(rows[: self.committed_blocks])
+        self.evicted, self.evicted_since_commit, self.added_since_commit = self.committed_evicted, [], 0
+        self.rebuild_indexes()
 
     def rebuild_indexes(self) -> None:
         for head, index in enumerate(self.indexes):
@@ -159,11 +195,7 @@ class FaissStore:
             if stored is None or len(stored) <= keep_blocks:
                 return 0
             drop = len(stored) - keep_blocks
-            for array in (stored.search_keys, stored.keys, stored.values, stored.positions):
-                array.drop_front(drop)
-            stored.evicted += drop
-            stored.committed_blocks = max(0, stored.committed_blocks - drop)
-            stored.rebuild_indexes()
+            stored.drop_oldest(drop)
             self._memories[memory].dirty = True
             return drop
 
@@ -183,7 +215,7 @@ class FaissStore:
                 self._write_commit(memory, mem)
             mem.commit_id += 1
             for stored in mem.layers.values():
-                stored.committed_blocks, stored.committed_evicted = len(stored), stored.evicted
+                stored.mark_committed()
             mem.committed_state = mem.state  # the same object: `state is not committed_state` = saved since
             mem.dirty = False
 
@@ -195,16 +227,9 @@ class FaissStore:
             if mem.commit_id == 0:
                 del self._memories[memory]  # never committed: it never existed
                 return
-            if self.root is not None:  # evictions cannot be undone in RAM; reread the last commit
-                self._memories[memory] = self._open(self.root / memory)
-                return
             for layer, stored in list(mem.layers.items()):
-                if stored.evicted != stored.committed_evicted:
-                    raise RuntimeError("cannot roll back an eviction of an in-RAM store")
-                for array in (stored.search_keys, stored.keys, stored.values, stored.positions):
-                    array.truncate(stored.committed_blocks)
-                stored.rebuild_indexes()
-                if stored.committed_blocks == 0 and not stored.files:
+                stored.roll_back()
+                if stored.committed_blocks == 0 and stored.committed_evicted == 0:
                     del mem.layers[layer]
             mem.state = mem.committed_state
             mem.dirty = False
@@ -289,7 +314,7 @@ class FaissStore:
         commit_id = mem.commit_id + 1
         manifest: dict = {"commit": commit_id, "layers": {}, "state": mem.state_file}
         for layer, stored in sorted(mem.layers.items()):
-            new_blocks = len(stored) - stored.committed_blocks
+            new_blocks = stored.new_live_blocks
             # Blocks in committed files that FIFO eviction has dropped; whole files go.
             files = list(stored.files)
             dead = sum(n for _, n in files) - (len(stored) - new_blocks)
@@ -297,7 +322,7 @@ class FaissStore:
                 dead -= files.pop(0)[1]
             if new_blocks > 0:
                 name = f"L{layer:03d}-{commit_id:06d}.npz"
-                new = slice(stored.committed_blocks, len(stored))
+                new = slice(len(stored) - new_blocks, len(stored))
                 _atomic_savez(
                     folder / name,
                     search_keys=stored.search_keys.array[new],
@@ -329,7 +354,7 @@ class FaissStore:
             stored.append(arrays["search_keys"], arrays["keys"], arrays["values"], arrays["positions"])
             stored.files = [tuple(f) for f in entry["files"]]
             stored.evicted = stored.committed_evicted = entry["evicted"]
-            stored.committed_blocks = len(stored)
+            stored.mark_committed()
             mem.layers[int(layer)] = stored
         if mem.state_file:
             with np.load(folder / mem.state_file) as saved:

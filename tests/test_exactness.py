@@ -1,0 +1,87 @@
+"""Exactness: the memory model against the stock transformers model it wraps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FAMILIES, tiny_lm, tiny_model
+
+from memlm.memory.attention import attend, rotate, softmax_attention
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("mode", ["window", "zero", "exact"])
+def test_empty_memory_matches_stock_model(family: str, mode: str) -> None:
+    lm = tiny_lm(family, segment_len=32, sink_len=4, local_len=64, position_mode=mode)
+    ids = torch.randint(0, 120, (1, 60), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = tiny_model(family)(ids).logits[0]
+    stats = lm.ingest_tokens(ids[0].tolist(), "doc", progress=False, return_logits=True)
+    assert stats.memory_tokens == 0, "nothing should have left the local window"
+    torch.testing.assert_close(stats.logits, expected)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("block_len,query_chunk", [(4, 8), (1, 5)])
+def test_fot_with_all_memory_retrieved_is_full_attention(family: str, block_len: int, query_chunk: int) -> None:
+    """Exact positions and top_k >= memory size: segmented fot equals one causal pass."""
+    lm = tiny_lm(
+        family,
+        segment_len=16,
+        sink_len=4,
+        local_len=16,
+        block_len=block_len,
+        top_k=10_000,
+        query_chunk=query_chunk,
+        position_mode="exact",
+    )
+    ids = torch.randint(0, 120, (1, 203), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = tiny_model(family)(ids).logits[0]
+    stats = lm.ingest_tokens(ids[0].tolist(), "doc", progress=False, return_logits=True)
+    assert stats.memory_tokens > 150, "most of the sequence must have come from memory"
+    torch.testing.assert_close(stats.logits, expected)
+
+
+def test_fot_with_too_small_top_k_is_not_full_attention() -> None:
+    """The exactness test above can fail: with little retrieved, logits differ."""
+    lm = tiny_lm(segment_len=16, sink_len=4, local_len=16, block_len=4, top_k=1, position_mode="exact")
+    ids = torch.randint(0, 120, (1, 203), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = tiny_model()(ids).logits[0]
+    got = lm.ingest_tokens(ids[0].tolist(), "doc", progress=False, return_logits=True).logits
+    assert not torch.allclose(got[-50:], expected[-50:], atol=1e-4)
+
+
+def test_knn_gate_closed_ignores_memory_and_open_uses_it() -> None:
+    ids = torch.randint(0, 120, (200,), generator=torch.Generator().manual_seed(3)).tolist()
+    settings = dict(segment_len=16, sink_len=4, local_len=16, block_len=4, top_k=8, position_mode="zero")
+    closed = tiny_lm(backend="knn", gate_init=-40.0, **settings).ingest_tokens(ids, "d", False, True).logits
+    no_memory = tiny_lm(memory_layers=[], **settings).ingest_tokens(ids, "d", False, True).logits
+    torch.testing.assert_close(closed, no_memory)
+    opened = tiny_lm(backend="knn", gate_init=0.0, **settings).ingest_tokens(ids, "d", False, True).logits
+    assert not torch.allclose(opened[-50:], no_memory[-50:], atol=1e-3)
+
+
+def test_rotation_composes_and_inverts() -> None:
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))
+    x = torch.randn(2, 5, 16)
+    positions = torch.tensor([0, 3, 100, 4000, 8191])
+    there = rotate(x, positions, inv_freq)
+    torch.testing.assert_close(rotate(there, -positions, inv_freq), x, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(rotate(rotate(x, positions, inv_freq), positions, inv_freq), rotate(x, 2 * positions, inv_freq), atol=1e-4, rtol=1e-4)
+
+
+def test_local_attention_kernel_matches_masked_softmax() -> None:
+    """The fused kernel path (prefix + causal, merged by log-sum-exp) against plain maths."""
+    g = torch.Generator().manual_seed(4)
+    queries, prefix = torch.randn(2, 3, 7, 8, generator=g), 5
+    keys, values = torch.randn(2, prefix + 7, 8, generator=g), torch.randn(2, prefix + 7, 8, generator=g)
+    got = attend(queries, keys, values, 0.3, prefix)
+    scores = torch.einsum("hgtd,hld->hgtl", queries, keys) * 0.3
+    visible = torch.arange(prefix + 7)[None, :] <= torch.arange(7)[:, None] + prefix
+    scores = scores.masked_fill(~visible, float("-inf"))
+    torch.testing.assert_close(got.out, torch.einsum("hgtl,hld->hgtd", scores.softmax(-1), values))
+    torch.testing.assert_close(got.lse, scores.logsumexp(-1))
+    plain = softmax_attention(queries, keys[:, None], values[:, None], 0.3, causal=False)
+    torch.testing.assert_close(plain.lse, (torch.einsum("hgtd,hld->hgtl", queries, keys) * 0.3).logsumexp(-1))
