@@ -95,6 +95,17 @@ def __getattr__(attribute: str) -> ModuleType:
     raise AttributeError(f"module {__name__!r} has no attribute {attribute!r}")
 
 
+# -- auth metadata --------------------------------------------------------------------------
+
+
+AUTH_METADATA = "authorization"
+
+
+def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    """Call metadata a client sends to a server that asks for a bearer token (empty without one)."""
+    return ((AUTH_METADATA, f"Bearer {token}"),) if token else ()
+
+
 # -- raw-bytes arrays -----------------------------------------------------------------------
 
 

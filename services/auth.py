@@ -11,13 +11,9 @@ import hmac
 
 import grpc
 
-AUTH_METADATA = "authorization"
+from memlm.protos import AUTH_METADATA
+
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
-
-
-def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
-    """Call metadata a client sends (empty without a token)."""
-    return ((AUTH_METADATA, f"Bearer {token}"),) if token else ()
 
 
 class BearerTokenInterceptor(grpc.ServerInterceptor):

@@ -10,10 +10,10 @@ From Python: `server = serve(port=0, data="lance:///tmp/m")` returns the started
 `server.stop(grace)` stops it. `run(...)` blocks until SIGTERM/SIGINT, then finishes the
 calls in flight (appends included) before it exits.
 
-Transactions: an `Append` stream is read and checked to the end before anything touches
-the store (a stream that breaks or fails a check changes nothing); then, holding the
-memory's lock, its blocks, evictions and state are applied and committed, and rolled back
-on any error. Searches take the same lock, so they never see half an append.
+Transactions: an `Append` stream is read and checked up to its commit message before
+anything touches the store (a stream that breaks, is cancelled or fails a check changes
+nothing); then, holding the memory's lock, its blocks, evictions and state are applied and
+committed, and rolled back on any error. Searches take the same lock, so they never see half an append.
 Retried streams: the ids of the last `KEEP_APPEND_IDS` transactions live in the memory's
 state under a reserved key (committed with the blocks, so they survive a crash); a stream
 whose id is among them is acknowledged without being applied again.
@@ -37,6 +37,7 @@ from memlm.store.settings import StoreSettings, memlm_home
 from memlm.store.wire import (
     blocks_from_proto,
     check_layout,
+    layout_of_batch,
     queries_from_proto,
     result_to_proto,
     state_from_proto,
@@ -62,7 +63,7 @@ class StoreServerConfig:
     max_message_bytes: int = 256 << 20  # one gRPC message; a segment's blocks are a few MB
     max_append_bytes: int = 4 << 30  # one Append stream, held in RAM until it is applied
     max_top_k: int = 4096
-    max_workers: int = 16
+    max_workers: int = 64  # an open transaction's Append stream holds one while it is open
     grace_s: float = 30.0  # how long a stop waits for calls in flight
 
 
@@ -165,8 +166,10 @@ class MemoryStoreService(store_pb2_grpc.MemoryStoreServicer):
 
     def _read_append(self, requests) -> Append:
         """Read the whole stream and check every message. Raises ValueError or TooLarge."""
-        header, layouts, operations, size = None, {}, [], 0
+        header, layouts, operations, size, committed = None, {}, [], 0, False
         for request in requests:
+            if committed:
+                raise ValueError("a message after the commit message; commit must be the last one")
             size += request.ByteSize()
             if size > self.config.max_append_bytes:
                 raise TooLarge(
@@ -187,13 +190,15 @@ class MemoryStoreService(store_pb2_grpc.MemoryStoreServicer):
                     layouts[layout.layer] = layout
             elif kind == "blocks":
                 layout = layouts.get(request.blocks.layer)
-                if layout is None:
-                    raise ValueError(f"blocks for layer {request.blocks.layer}, which the header does not declare")
+                if layout is None:  # not declared in the header: the layer's first batch declares it
+                    layout = layouts[request.blocks.layer] = layout_of_batch(request.blocks)
                 operations.append((request.blocks.layer, blocks_from_proto(request.blocks, layout)))
             elif kind == "evict":
                 if request.evict.keep_blocks < 0:
                     raise ValueError(f"evict keep_blocks must be >= 0, got {request.evict.keep_blocks}")
                 operations.append(request.evict)
+            elif kind == "commit":
+                committed = True
             elif kind == "state":
                 state = state_from_proto(request.state)
                 if APPEND_IDS in state:
@@ -203,6 +208,8 @@ class MemoryStoreService(store_pb2_grpc.MemoryStoreServicer):
                 raise ValueError(f"unexpected {kind or 'empty'} message after the header")
         if header is None:
             raise ValueError("empty Append stream: send a header first")
+        if not committed:
+            raise ValueError("the Append stream ended without a commit message; nothing was applied")
         if not operations:
             raise ValueError(f"nothing to append to {header.memory!r}: the stream holds only a header")
         return Append(header, operations)

@@ -10,10 +10,9 @@ from contextlib import contextmanager
 import grpc
 import numpy as np
 
-from memlm.protos import store_pb2, store_pb2_grpc
+from memlm.protos import bearer_metadata, store_pb2, store_pb2_grpc
 from memlm.store import Blocks, FaissStore, MemoryNotFound, SearchResult
 from memlm.store.wire import blocks_to_proto, layout_of, state_to_proto
-from services.auth import bearer_metadata
 from services.store_server import serve
 
 
@@ -66,7 +65,7 @@ def append_requests(
         requests.append(store_pb2.AppendRequest())
         requests[-1].state.SetInParent()
         state_to_proto(state, requests[-1].state)
-    return requests
+    return [*requests, store_pb2.AppendRequest(commit=store_pb2.Commit())]
 
 
 def call_code(call, *args, token: str | None = None, **kwargs) -> grpc.StatusCode:

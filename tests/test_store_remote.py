@@ -3,6 +3,8 @@ servers, store URLs and settings."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -12,12 +14,48 @@ from memlm.store.remote import RemoteConfig, RemoteStore
 from store_fixtures import assert_same_results, check_against_faiss, random_blocks, running_server
 
 
-@pytest.mark.parametrize("backend", ["faiss", "lance"])
-def test_matches_faiss_store_operation_by_operation(tmp_path, backend):
+@pytest.mark.parametrize(
+    "backend, stream_adds", [("faiss", True), ("lance", True), ("faiss", False)], ids=["faiss", "lance", "at-commit"]
+)
+def test_matches_faiss_store_operation_by_operation(tmp_path, backend, stream_adds):
     data = str(tmp_path / "server") if backend == "faiss" else f"lance://{tmp_path / 'server'}"
     with running_server(data) as server:
-        with RemoteStore.from_url(f"grpc://127.0.0.1:{server.port}") as store:
+        with RemoteStore.from_url(f"grpc://127.0.0.1:{server.port}", stream_adds=stream_adds) as store:
             check_against_faiss(store, tmp_path / "reference", seed=3)
+
+
+def test_rollback_cancels_the_stream_and_the_server_keeps_nothing(tmp_path):
+    rng = np.random.default_rng(0)
+    with running_server(tmp_path / "server") as server:
+        store = RemoteStore.from_url(f"grpc://127.0.0.1:{server.port}")
+        store.add("kept", 0, random_blocks(rng, 2))
+        store.commit("kept")
+        for _ in range(5):
+            store.add("kept", 0, random_blocks(rng, 50))
+            store.add("dropped", 0, random_blocks(rng, 50))
+            assert store._streams.keys() == {"kept", "dropped"}  # both are streaming already
+            store.rollback("kept")
+            store.delete("dropped")
+        time.sleep(0.2)
+        assert server.service.store.memories() == ["kept"]
+        assert server.service.store.stats("kept").blocks_per_layer == {0: 2}
+
+
+def test_a_transaction_outlives_a_server_restart(tmp_path):
+    """The stream dies with the server; commit sends the transaction again from the local
+    buffer, retrying until the new server is up."""
+    rng = np.random.default_rng(0)
+    first = running_server(tmp_path / "server")
+    server = first.__enter__()
+    port = server.port
+    store = RemoteStore.from_url(f"grpc://127.0.0.1:{port}", backoff_s=0.05)
+    store.add("m", 0, random_blocks(rng, 4))
+    first.__exit__(None, None, None)
+    store.add("m", 0, random_blocks(rng, 3))  # the stream is gone: buffered only
+    with running_server(tmp_path / "server", port=port):
+        store.add("m", 1, random_blocks(rng, 2))
+        store.commit("m")
+        assert RemoteStore.from_url(f"grpc://127.0.0.1:{port}").stats("m").blocks_per_layer == {0: 7, 1: 2}
 
 
 def test_uncommitted_adds_are_searched_and_rolled_back(tmp_path):

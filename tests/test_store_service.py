@@ -141,17 +141,22 @@ def _bad_appends() -> dict[str, tuple[list, str]]:
     cases["Inf in search keys"] = (append_requests("m", 0, blocks), "Inf")
 
     cases["empty batch"] = (append_requests("m", 0, random_blocks(rng, 0)), "empty")
-    cases["header only"] = (good()[:1], "nothing to append")
+    stream = good()
+    cases["header only"] = ([stream[0], stream[-1]], "nothing to append")
     cases["no header"] = (good()[1:], "header")
     cases["empty stream"] = ([], "header")
+    cases["no commit message"] = (good()[:-1], "commit")
+    stream = good()
+    cases["a message after the commit"] = ([*stream, stream[1]], "commit")
 
     stream = good()
-    stream[1].blocks.layer = 5
-    cases["layer not in the header"] = (stream, "declare")
+    stream[0].header.ClearField("layers")  # the first batch declares layer 0 ...
+    stream.insert(2, append_requests("m", 0, random_blocks(rng, 2, heads=3))[1])  # ... the second differs
+    cases["batch differs from the layer's first"] = (stream, "layout")
 
     first, second = good(), good()
     second[1].blocks.positions.data = b"\x00" * 7
-    cases["bad second batch: nothing applied"] = ([*first, second[1]], "bytes")
+    cases["bad second batch: nothing applied"] = ([*first[:-1], second[1], first[-1]], "bytes")
 
     for name in ["../etc", "a/b", "", ".hidden", "x" * 200, "a b"]:
         stream = good()
@@ -209,6 +214,7 @@ def test_bad_search_and_unknown_memory(server):
     evict_unknown = [
         store_pb2.AppendRequest(header=store_pb2.AppendHeader(memory="nope")),
         store_pb2.AppendRequest(evict=store_pb2.Evict(layer=0, keep_blocks=1)),
+        store_pb2.AppendRequest(commit=store_pb2.Commit()),
     ]
     assert call_code(stub.Append, iter(evict_unknown)) == grpc.StatusCode.NOT_FOUND
     assert _snapshot(stub) == before
@@ -223,7 +229,7 @@ def test_over_size_limits_is_resource_exhausted(tmp_path):
         too_big = random_blocks(rng, 2048, heads=2, block_len=4, dim=16)  # ~2 MB in one message
         assert call_code(stub.Append, iter(append_requests("m", 0, too_big))) == grpc.StatusCode.RESOURCE_EXHAUSTED
         part = append_requests("m", 0, random_blocks(rng, 800, heads=2, block_len=4, dim=8))  # ~0.4 MB each
-        stream = [part[0], *[part[1]] * 10]  # 4 MB in all, over max_append_bytes
+        stream = [part[0], *[part[1]] * 10, part[-1]]  # 4 MB in all, over max_append_bytes
         assert call_code(stub.Append, iter(stream)) == grpc.StatusCode.RESOURCE_EXHAUSTED
         request = store_pb2.SearchRequest(memory="m", layer=0, top_k=4)
         to_tensor(np.ones((2, 20_000, 8), np.float32), request.queries)  # the reply would be ~10 MB
@@ -335,7 +341,7 @@ def test_sigkill_mid_stream_keeps_every_acknowledged_append(tmp_path, backend):
 
     def half_stream():
         blocks = random_blocks(np.random.default_rng(1), 5, heads=1, block_len=1, dim=4, start=10**9)
-        header, batch = append_requests("log", 0, blocks)
+        header, batch, _ = append_requests("log", 0, blocks)
         yield header
         yield batch
         hold.wait(30)
@@ -375,10 +381,11 @@ def test_graceful_shutdown_finishes_the_append_in_flight(tmp_path):
     blocks = random_blocks(rng, 6)
 
     def slow_stream():
-        header, batch = append_requests("m", 0, blocks)
+        header, batch, commit = append_requests("m", 0, blocks)
         yield header
         hold.wait(10)
         yield batch
+        yield commit
 
     reply = raw_stub(port).Append.future(slow_stream(), timeout=20)
     time.sleep(0.3)  # the stream is open on the server

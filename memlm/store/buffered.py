@@ -132,6 +132,12 @@ class BufferedStore(ABC):
     def _check_blocks(self, memory: str, layer: int, blocks: Blocks) -> None:
         """Reject blocks that do not fit the committed layer (where that is cheap to know)."""
 
+    def _added(self, memory: str, layer: int, blocks: Blocks) -> None:
+        """Blocks were just buffered (RemoteStore starts sending them to the server)."""
+
+    def _discarded(self, memory: str) -> None:
+        """An open transaction was thrown away (rollback or delete)."""
+
     # -- writes ---------------------------------------------------------------------------
 
     def _memory_lock(self, memory: str) -> threading.RLock:
@@ -146,6 +152,7 @@ class BufferedStore(ABC):
             self._check_blocks(memory, layer, blocks)
             self._pending.add(memory, layer, blocks)
             self._transactions.setdefault(memory, Transaction()).layers.setdefault(layer, LayerChange())
+            self._added(memory, layer, blocks)
 
     def evict_oldest(self, memory: str, layer: int, keep_blocks: int) -> int:
         if keep_blocks < 0:
@@ -195,7 +202,8 @@ class BufferedStore(ABC):
                 keep = (change.committed or 0) - change.hidden + (blocks.num_blocks if blocks else 0)
                 layers[layer] = LayerWrite(change.hidden, change.evicted_new, blocks, keep if evicted else None)
             self._write(Changes(memory, layers, txn.state))  # raises: the transaction stays open
-            self._discard(memory)
+            self._pending.rollback(memory)
+            del self._transactions[memory]
 
     def rollback(self, memory: str) -> None:
         with self._memory_lock(memory):
@@ -212,6 +220,7 @@ class BufferedStore(ABC):
 
     def _discard(self, memory: str) -> bool:
         self._pending.rollback(memory)  # never committed there, so this forgets it
+        self._discarded(memory)
         return self._transactions.pop(memory, None) is not None
 
     # -- reads ----------------------------------------------------------------------------

@@ -79,6 +79,7 @@ class LanceConfig:
     index_type: str = "IVF_FLAT"  # or "IVF_PQ" (smaller and coarser: refined by exact rescoring)
     refine_factor: int = 10  # IVF_PQ: rescore refine_factor * top_k candidates exactly
     target_recall: float = 0.95  # recall@32 vs exact that the chosen nprobes must reach
+    nprobes: int | None = None  # a fixed nprobes instead of the measured one (benchmarks)
     calibration_queries: int = 64
     reindex_growth: float = 4.0  # retrain the index when the table has grown this many times
     optimize_every: int = 50  # commits between compactions (small fragments, index updates)
@@ -439,7 +440,7 @@ class LanceStore(BufferedStore):
                 config = IvfFlat(distance_type="dot", num_partitions=partitions)
             table.create_index("search_key", config=config, replace=True)
             self._indexed_rows[dim] = rows
-            self._nprobes[dim] = self._calibrate(table, partitions)
+            self._nprobes[dim] = self.config.nprobes or self._calibrate(table, partitions)
             return self._nprobes[dim]
 
     def _index_nprobes(self, dim: int) -> int | None:
@@ -448,8 +449,8 @@ class LanceStore(BufferedStore):
             table = self._table(dim)
             indexes = [index for index in table.list_indices() if "search_key" in index.columns]
             if indexes:  # built by an earlier process: measure recall again
-                self._indexed_rows[dim] = indexes[0].num_indexed_rows
-                self._nprobes[dim] = self._calibrate(table, _partitions(indexes[0].num_indexed_rows))
+                rows = self._indexed_rows[dim] = indexes[0].num_indexed_rows
+                self._nprobes[dim] = self.config.nprobes or self._calibrate(table, _partitions(rows))
             else:
                 self._indexed_rows[dim] = 0
         return self._nprobes.get(dim)

@@ -42,6 +42,18 @@ def check_layout(layout: store_pb2.LayerLayout) -> None:
         raise ValueError(f"layer {layout.layer}: key dtype {layout.dtype!r} is not accepted; use {' or '.join(KEY_DTYPES)}")
 
 
+def layout_of_batch(batch: store_pb2.BlockBatch) -> store_pb2.LayerLayout:
+    """The layout a layer's first batch declares when the header did not."""
+    shape = list(batch.keys.shape)
+    if len(shape) != 4:
+        raise ValueError(f"layer {batch.layer}: keys must be (heads, blocks, block_len, head_dim), got shape {shape}")
+    layout = store_pb2.LayerLayout(
+        layer=batch.layer, heads=shape[0], block_len=shape[2], head_dim=shape[3], dtype=batch.keys.dtype
+    )
+    check_layout(layout)
+    return layout
+
+
 def split_blocks(blocks: Blocks, max_bytes: int) -> Iterator[Blocks]:
     """Consecutive slices of at most `max_bytes` each (at least one block per slice)."""
     heads, n, block_len, dim = blocks.keys.shape
