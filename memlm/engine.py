@@ -103,7 +103,11 @@ class MemoryLM:
         with self._locks_guard:
             return self._locks.setdefault(memory, threading.Lock())
 
-    def _open_session(self, memory: str, writes: bool) -> MemorySession:
+    def _open_session(self, memory: str | None, writes: bool) -> MemorySession:
+        """A session over `memory` as last committed; None: no memory at all (plain model
+        with the same local window)."""
+        if memory is None:
+            return MemorySession(self.shape, self.config, self.backend, self.store, "-", writes=False)
         try:
             state = self.store.load_state(memory)
         except MemoryNotFound:
@@ -223,11 +227,8 @@ class MemoryLM:
         prompt_ids = self.prompt_ids(prompt, chat)
         # A generation reads a snapshot: the session copies the window, and the lock keeps an
         # ingest from committing halfway through the read of the store's state.
-        if memory is None:
-            session = MemorySession(self.shape, self.config, self.backend, self.store, "-", writes=False)
-        else:
-            with self._lock(memory):
-                session = self._open_session(memory, writes=False)
+        with self._lock(memory or ""):
+            session = self._open_session(memory, writes=False)
         session.positions_for(0)  # lay out the window to know where the prompt starts
         used = session.window_end + len(prompt_ids) + max_new_tokens
         if self.config.position_mode != "exact" and used > self.max_positions:

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2
 
 from memlm.config import MemoryConfig  # noqa: E402
 from memlm.engine import MemoryLM  # noqa: E402
+from memlm.model.loading import memlm_home  # noqa: E402
 from memlm.store import FaissStore  # noqa: E402
 
 TINY = dict(
@@ -57,11 +58,23 @@ def tiny_lm(family: str = "llama", store=None, seed: int = 0, **settings) -> Mem
     return MemoryLM(tiny_model(family, seed), TinyTokenizer(), store or FaissStore(None), config)
 
 
+# The embedded model, converted once into the user's real $MEMLM_HOME and shared by all tests.
+MODEL_CACHE = memlm_home() / "models"
+
+
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path, monkeypatch):
-    """Tests never touch the user's ~/.memlm, except for the cached embedded model."""
-    monkeypatch.setenv("MEMLM_HOME", str(tmp_path / "memlm-home"))
-    cache = os.environ.get("MEMLM_TEST_MODEL_CACHE")
-    if cache:
-        (tmp_path / "memlm-home").mkdir()
-        (tmp_path / "memlm-home" / "models").symlink_to(cache)
+    """Tests never touch the user's memories: each gets its own $MEMLM_HOME, in which only
+    the converted embedded model is shared."""
+    home = tmp_path / "memlm-home"
+    home.mkdir()
+    MODEL_CACHE.mkdir(parents=True, exist_ok=True)
+    (home / "models").symlink_to(MODEL_CACHE)
+    monkeypatch.setenv("MEMLM_HOME", str(home))
+
+
+@pytest.fixture(scope="session")
+def embedded_lm():
+    """The embedded model with default settings, a RAM store and float32 weights (for
+    exactness), loaded once per run (converted from GGUF into MODEL_CACHE the first time)."""
+    return MemoryLM.load(store=FaissStore(None), dtype="float32")

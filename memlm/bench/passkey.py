@@ -1,0 +1,202 @@
+"""`memlm bench passkey`: passkey retrieval at several lengths for the plain model and the
+memory configurations side by side, plus ingest throughput against a plain segmented
+forward pass, decode time per token with a full memory against an empty one, and memory
+bytes per token. Prints a table and writes `passkey.json` and `passkey.png`."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from memlm.config import MemoryConfig
+from memlm.engine import MemoryLM
+from memlm.model.loading import load_model
+from memlm.store import FaissStore
+from memlm.tasks import passkey
+
+# name -> MemoryConfig overrides; "plain" is the model alone, its input cut to its window.
+CONFIGS: dict[str, dict | None] = {
+    "plain": None,
+    "fot-window": dict(backend="fot", position_mode="window"),
+    "fot-zero": dict(backend="fot", position_mode="zero"),
+    "fot-exact": dict(backend="fot", position_mode="exact"),
+    "knn-window": dict(backend="knn", position_mode="window"),
+}
+DEFAULT = "fot-window"
+
+
+@dataclass
+class Trial:
+    length: int
+    tokens: int
+    depth: float
+    answer: str
+    output: str
+    right: bool
+    ingest_s: float
+
+
+@dataclass
+class ConfigResult:
+    name: str
+    settings: dict | None
+    trials: list[Trial] = field(default_factory=list)
+
+    def accuracy(self, length: int) -> float:
+        hits = [t.right for t in self.trials if t.length == length]
+        return sum(hits) / len(hits) if hits else float("nan")
+
+
+def plain_answer(lm: MemoryLM, document: str, prompt: str, max_new_tokens: int = 8) -> str:
+    """The stock model: the document's last tokens that fit its window, then the prompt."""
+    doc_ids = lm.tokenizer(document, add_special_tokens=False)["input_ids"]
+    prompt_ids = lm.prompt_ids(prompt, chat=False)
+    room = lm.max_positions - len(prompt_ids) - max_new_tokens
+    input_ids = torch.tensor([doc_ids[-room:] + prompt_ids])
+    with torch.inference_mode():
+        out = lm.model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+    return lm.tokenizer.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True)
+
+
+def run_trials(lm: MemoryLM | None, base: MemoryLM, name: str, lengths: list[int], trials: int) -> ConfigResult:
+    result = ConfigResult(name, CONFIGS[name])
+    bar = tqdm(total=len(lengths) * trials, desc=f"passkey {name}", unit="trial")
+    for length in lengths:
+        for trial in range(trials):
+            depth = (trial + 0.5) / trials  # spread evenly over the document
+            task = passkey(length, depth=depth, seed=10_000 * length + trial)
+            started = time.perf_counter()
+            if lm is None:
+                output = plain_answer(base, task.document, task.prompt)
+                ingest_s, tokens = 0.0, len(base.tokenizer(task.document)["input_ids"])
+            else:
+                stats = lm.ingest(task.document, memory="bench", progress=False)
+                ingest_s, tokens = time.perf_counter() - started, stats.tokens
+                output = lm.generate(task.prompt, memory="bench", chat=False, max_new_tokens=8)
+                lm.forget("bench")
+            result.trials.append(Trial(length, tokens, depth, task.answer, output, task.score(output), ingest_s))
+            bar.set_postfix(length=length, acc=f"{result.accuracy(length):.2f}")
+            bar.update()
+    bar.close()
+    return result
+
+
+@torch.inference_mode()
+def throughput(lm: MemoryLM, length: int) -> dict:
+    """Ingest tokens/s against the plain model's segmented forward pass over the same text
+    (same segment length, no LM head in either), and decode ms/token with a full memory
+    against an empty one."""
+    task = passkey(length, depth=0.5, seed=1)
+    ids = lm.tokenizer(task.document, add_special_tokens=False)["input_ids"]
+    segment = lm.config.segment_len
+    started = time.perf_counter()
+    for start in range(0, len(ids), segment):
+        lm.model.model(input_ids=torch.tensor([ids[start : start + segment]]))
+    plain_s = time.perf_counter() - started
+    stats = lm.ingest_tokens(ids, "bench-full", progress=False)
+    memory_bytes = lm.store.stats("bench-full").bytes
+    window_tokens = len(lm.store.load_state("bench-full")["window_positions"])
+
+    def decode_ms(memory: str | None, steps: int = 32) -> float:
+        session = lm._open_session(memory, writes=False)
+        lm._forward(session, lm.prompt_ids(task.prompt, chat=False), logits="last")
+        started = time.perf_counter()
+        for _ in range(steps):
+            lm._forward(session, [42], logits="last")
+        return (time.perf_counter() - started) / steps * 1000
+
+    full_ms, empty_ms = decode_ms("bench-full"), decode_ms(None)
+    lm.forget("bench-full")
+    return {
+        "length": len(ids),
+        "plain_tokens_per_s": len(ids) / plain_s,
+        "ingest_tokens_per_s": stats.tokens_per_second,
+        "ingest_ratio": stats.tokens_per_second / (len(ids) / plain_s),
+        "decode_ms_full_memory": full_ms,
+        "decode_ms_empty_memory": empty_ms,
+        "decode_ratio": full_ms / empty_ms,
+        "memory_tokens": stats.memory_tokens,
+        "memory_bytes_per_token": memory_bytes / max(1, stats.memory_tokens),
+        "window_tokens": window_tokens,
+    }
+
+
+def run(
+    lengths: list[int],
+    trials: int = 20,
+    configs: str = "all",
+    model: str | None = None,
+    out_dir: Path = Path("benchmarks/results"),
+    throughput_length: int = 32_000,
+) -> dict:
+    names = list(CONFIGS) if configs == "all" else configs.split(",")
+    unknown = set(names) - set(CONFIGS)
+    if unknown:
+        raise ValueError(f"unknown configurations {sorted(unknown)}; known: {', '.join(CONFIGS)}")
+    hf_model, tokenizer = load_model(model, dtype=torch.bfloat16)
+    base = MemoryLM(hf_model, tokenizer, FaissStore(None), MemoryConfig())
+    results = []
+    for name in names:
+        settings = CONFIGS[name]
+        lm = None if settings is None else MemoryLM(hf_model, tokenizer, FaissStore(None), replace(MemoryConfig(), **settings))
+        results.append(run_trials(lm, base, name, lengths, trials))
+    speed = throughput(base, throughput_length)
+    report = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
+        "model": model or "embedded SmolLM2-135M-Instruct",
+        "dtype": "bfloat16",
+        "defaults": asdict(MemoryConfig()),
+        "lengths": lengths,
+        "trials_per_length": trials,
+        "accuracy": {r.name: {str(n): r.accuracy(n) for n in lengths} for r in results},
+        "throughput": speed,
+        "trials": {r.name: [asdict(t) for t in r.trials] for r in results},
+    }
+    print_table(report)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "passkey.json").write_text(json.dumps(report, indent=1))
+    plot(report, out_dir / "passkey.png")
+    print(f"wrote {out_dir / 'passkey.json'} and {out_dir / 'passkey.png'}")
+    return report
+
+
+def print_table(report: dict) -> None:
+    lengths = report["lengths"]
+    print(f"\npasskey accuracy ({report['trials_per_length']} trials per length)")
+    print(f"{'config':<12}" + "".join(f"{n:>9}" for n in lengths))
+    for name, by_length in report["accuracy"].items():
+        print(f"{name:<12}" + "".join(f"{by_length[str(n)]:>9.2f}" for n in lengths))
+    s = report["throughput"]
+    print(
+        f"\ningest {s['ingest_tokens_per_s']:.0f} tok/s vs plain forward {s['plain_tokens_per_s']:.0f} tok/s "
+        f"(ratio {s['ingest_ratio']:.2f}); decode {s['decode_ms_full_memory']:.1f} ms/token with "
+        f"{s['memory_tokens']} tokens of memory vs {s['decode_ms_empty_memory']:.1f} empty "
+        f"(ratio {s['decode_ratio']:.2f}); {s['memory_bytes_per_token'] / 1024:.1f} KiB of memory per token"
+    )
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (accuracy, speed) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, by_length in report["accuracy"].items():
+        accuracy.plot(report["lengths"], [by_length[str(n)] for n in report["lengths"]], marker="o", label=name)
+    accuracy.axvline(8192, color="grey", linestyle=":", label="model window")
+    accuracy.set(xscale="log", xlabel="document tokens", ylabel="passkey accuracy", ylim=(-0.05, 1.05))
+    accuracy.legend(fontsize=8)
+    s = report["throughput"]
+    speed.bar(["ingest / plain forward", "decode full / empty"], [s["ingest_ratio"], s["decode_ratio"]])
+    speed.axhline(1.0, color="grey", linestyle=":")
+    speed.set(title=f"ratios at {s['length']} tokens", ylabel="ratio")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

@@ -1,0 +1,174 @@
+"""The `memlm` command line. Every command prints one clear line and exits 1 on bad input."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Language models with long-term, searchable memory.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: print a table, write JSON and a plot to benchmarks/results/.")
+app.add_typer(bench_app, name="bench")
+
+ModelOpt = Annotated[Optional[str], typer.Option(help="Local checkpoint directory (default: embedded SmolLM2-135M).")]
+BackendOpt = Annotated[str, typer.Option(help="Memory backend: fot or knn.")]
+StoreOpt = Annotated[
+    Optional[str], typer.Option(help="Store URL: faiss, faiss:///dir, lance:///dir, grpc://host:port (env MEMLM_STORE).")
+]
+MemoryOpt = Annotated[str, typer.Option("--memory", "-m", help="Name of the memory.")]
+TopKOpt = Annotated[Optional[int], typer.Option(help="Memory blocks retrieved per head and query chunk.")]
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)
+
+
+def _load(model: str | None, backend: str, store: str | None, **settings):
+    from memlm.engine import MemoryLM
+    from memlm.store.settings import StoreSettings
+
+    overrides = {name: value for name, value in settings.items() if value is not None}
+    return MemoryLM.load(model=model, backend=backend, store=StoreSettings.resolve(url=store).url, **overrides)
+
+
+@app.command()
+def ingest(
+    file: Annotated[Path, typer.Argument(help="Text file to read into memory ('-' for standard input).")],
+    memory: MemoryOpt,
+    model: ModelOpt = None,
+    backend: BackendOpt = "fot",
+    store: StoreOpt = None,
+    top_k: TopKOpt = None,
+) -> None:
+    """Read a document into a named memory (appends when the memory exists)."""
+    try:
+        text = sys.stdin.read() if str(file) == "-" else file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        _fail(f"cannot read {file}: {error}")
+    try:
+        stats = _load(model, backend, store, top_k=top_k).ingest(text, memory=memory)
+    except (ValueError, KeyError) as error:
+        _fail(str(error))
+    typer.echo(
+        f"ingested {stats.tokens} tokens in {stats.segments} segments into {stats.memory!r} "
+        f"({stats.seconds:.1f} s, {stats.tokens_per_second:.0f} tokens/s; memory holds {stats.memory_tokens} tokens)"
+    )
+
+
+@app.command()
+def ask(
+    question: Annotated[str, typer.Argument(help="The question.")],
+    memory: MemoryOpt,
+    model: ModelOpt = None,
+    backend: BackendOpt = "fot",
+    store: StoreOpt = None,
+    top_k: TopKOpt = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 64,
+    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    chat: Annotated[bool, typer.Option(help="Wrap the question in the model's chat template.")] = True,
+    server: Annotated[Optional[str], typer.Option(help="Ask a running `memlm serve` at host:port instead.")] = None,
+) -> None:
+    """Answer a question from a memory, streaming the answer."""
+    options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, chat=chat)
+    try:
+        if server is not None:
+            from memlm.client import MemoryClient
+
+            pieces = (piece.text for piece in MemoryClient(server).generate(question, memory=memory, **options))
+        else:
+            pieces = (p.text for p in _load(model, backend, store, top_k=top_k).stream(question, memory, **options))
+        for text in pieces:
+            typer.echo(text, nl=False)
+        typer.echo()
+    except (ValueError, KeyError) as error:
+        _fail(str(error))
+
+
+@app.command()
+def memories(store: StoreOpt = None) -> None:
+    """List the memories in the store."""
+    from memlm.store import open_store
+    from memlm.store.settings import StoreSettings
+
+    for name in open_store(StoreSettings.resolve(url=store).url).memories():
+        typer.echo(name)
+
+
+@app.command()
+def forget(memory: Annotated[str, typer.Argument(help="Memory to delete.")], store: StoreOpt = None) -> None:
+    """Delete a memory."""
+    from memlm.store import open_store
+    from memlm.store.settings import StoreSettings
+
+    try:
+        open_store(StoreSettings.resolve(url=store).url).delete(memory)
+    except KeyError as error:
+        _fail(str(error))
+    typer.echo(f"deleted {memory!r}")
+
+
+@app.command()
+def demo(
+    tokens: Annotated[int, typer.Option(help="Length of the generated handbook in tokens.")] = 50_000,
+    file: Annotated[Optional[Path], typer.Option(help="Ask about this document instead (.txt, .md, .html, .pdf).")] = None,
+    question: Annotated[Optional[list[str]], typer.Option(help="Your own question (repeatable).")] = None,
+    backend: BackendOpt = "fot",
+    model: ModelOpt = None,
+    quick: Annotated[bool, typer.Option(help="A short document (tests, a first look).")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the generated handbook.")] = 0,
+) -> None:
+    """Document QA: ingest a long document, answer questions from memory, show where answers came from."""
+    from memlm.demo import run_demo
+
+    try:
+        run_demo(tokens=4_000 if quick else tokens, file=file, questions=question, backend=backend, model=model, seed=seed)
+    except (ValueError, KeyError, OSError) as error:
+        _fail(str(error))
+
+
+@app.command("store-serve")
+def store_serve(
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 50052,
+    data: Annotated[Optional[str], typer.Option(help="Data folder, or lance:///dir (default $MEMLM_HOME/memories).")] = None,
+    token: Annotated[Optional[str], typer.Option(help="Bearer token clients must send (env MEMLM_TOKEN).")] = None,
+    tls_cert: Annotated[Optional[str], typer.Option(help="TLS certificate (PEM).")] = None,
+    tls_key: Annotated[Optional[str], typer.Option(help="TLS private key (PEM).")] = None,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "[::]",
+) -> None:
+    """Serve the MemoryStore gRPC service."""
+    from services.store_server import run
+
+    run(port, data, token, tls_cert, tls_key, host=host)
+
+
+@bench_app.command("passkey")
+def bench_passkey(
+    lengths: Annotated[str, typer.Option(help="Comma-separated document lengths in tokens.")] = "4000,16000,32000",
+    trials: Annotated[int, typer.Option(help="Trials per length and configuration.")] = 20,
+    configs: Annotated[str, typer.Option(help="Comma-separated configurations (see memlm/bench/passkey.py).")] = "all",
+    model: ModelOpt = None,
+    out: Annotated[Path, typer.Option(help="Where to write JSON and PNG.")] = Path("benchmarks/results"),
+) -> None:
+    """Passkey retrieval, ingest throughput, decode latency and memory size."""
+    from memlm.bench.passkey import run
+
+    run(lengths=[int(n) for n in lengths.split(",")], trials=trials, configs=configs, model=model, out_dir=out)
+
+
+@bench_app.command("store")
+def bench_store(
+    sizes: Annotated[str, typer.Option(help="Comma-separated vector counts.")] = "10000,100000,1000000",
+    out: Annotated[Path, typer.Option(help="Where to write JSON and PNG.")] = Path("benchmarks/results"),
+) -> None:
+    """Vector store append and search: in-process FAISS, LanceDB, remote over loopback."""
+    from memlm.bench.store import run
+
+    run(sizes=tuple(int(n) for n in sizes.split(",")), out_dir=str(out))
+
+
+if __name__ == "__main__":
+    app()
