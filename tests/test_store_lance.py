@@ -116,6 +116,7 @@ def test_ann_index_reaches_the_target_recall(tmp_path):
     store = LanceStore(tmp_path, cache_bytes=0, index_min_rows=10_000)
     store.add("big", 0, blocks)
     store.commit("big")
+    store.wait_for_index()  # built in the background
     partitions = round(np.sqrt(n))
     assert 1 <= store._nprobes[dim] < partitions  # indexed and calibrated, not an exhaustive probe
     queries = (centers[rng.integers(0, clusters, 64)] + rng.standard_normal((64, dim))).astype(np.float32)

@@ -131,13 +131,16 @@ class LanceStore(BufferedStore):
         self._tables: dict[int, lancedb.table.Table] = {}
         self._nprobes: dict[int, int] = {}  # per indexed table: measured to reach target_recall
         self._indexed_rows: dict[int, int] = {}
+        self._building: set[int] = set()  # head dims whose index a background thread builds
+        self._index_threads: list[threading.Thread] = []
         self._cleaned: set[str] = set()  # memories whose leftovers of crashed commits are gone
         self._cache = FaissStore(None)
         self._cache_lru: OrderedDict[str, int] = OrderedDict()  # memory -> bytes, oldest use first
         self._commits_since_optimize = 0
 
     def close(self) -> None:
-        """Nothing to flush (every commit is durable); drops the RAM cache."""
+        """Nothing to flush (every commit is durable): waits for index builds, drops the RAM cache."""
+        self.wait_for_index()
         with self._lock:
             for memory in list(self._cache_lru):
                 self._uncache(memory)
@@ -247,7 +250,9 @@ class LanceStore(BufferedStore):
                 .select(columns)
             )
             nprobes = self._index_nprobes(info.head_dim)
-            if nprobes is not None:
+            if nprobes is None and info.head_dim in self._building:
+                query = query.bypass_vector_index()  # a new index, its nprobes not measured yet
+            elif nprobes is not None:
                 query = query.nprobes(nprobes)
                 if self.config.index_type == "IVF_PQ":
                     query = query.refine_factor(self.config.refine_factor)
@@ -422,26 +427,48 @@ class LanceStore(BufferedStore):
             for table in [self._commits, *self._all_tables()]:
                 table.optimize(cleanup_older_than=timedelta(minutes=10))  # compacts, indexes new rows
         for dim in dims:
+            if dim in self._building:
+                continue
+            self._index_nprobes(dim)  # learn of an index an earlier process built
             rows = self._table(dim).count_rows()
             indexed = self._indexed_rows.get(dim)
             if rows >= self.config.index_min_rows and (not indexed or rows >= indexed * self.config.reindex_growth):
-                self.build_index(dim)
+                # Seconds of k-means: not on the committing caller's time.
+                self._building.add(dim)
+                thread = threading.Thread(target=self._build_index_logged, args=(dim,), name=f"lance-index-d{dim}")
+                self._index_threads.append(thread)
+                thread.start()
+
+    def _build_index_logged(self, dim: int) -> None:
+        try:
+            self.build_index(dim)
+        except Exception:
+            log.exception("building the index of blocks_d%d failed; searches stay flat", dim)
+        finally:
+            with self._lock:
+                self._building.discard(dim)
 
     def build_index(self, dim: int) -> int:
         """(Re)build the IVF index of the head_dim `dim` table and measure the nprobes that
-        reaches `target_recall`; returns it. Runs on its own past `index_min_rows`."""
+        reaches `target_recall`; returns it. Commits start this in a background thread past
+        `index_min_rows`; meanwhile searches stay exact (flat) or use the previous index."""
+        table = self._table(dim)
+        rows = table.count_rows()
+        partitions = _partitions(rows)
+        if self.config.index_type == "IVF_PQ":
+            config = IvfPq(distance_type="dot", num_partitions=partitions, num_sub_vectors=max(1, dim // 4))
+        else:
+            config = IvfFlat(distance_type="dot", num_partitions=partitions)
+        table.create_index("search_key", config=config, replace=True)  # commits and searches go on
+        nprobes = self.config.nprobes or self._calibrate(table, partitions)
         with self._lock:
-            table = self._table(dim)
-            rows = table.count_rows()
-            partitions = _partitions(rows)
-            if self.config.index_type == "IVF_PQ":
-                config = IvfPq(distance_type="dot", num_partitions=partitions, num_sub_vectors=max(1, dim // 4))
-            else:
-                config = IvfFlat(distance_type="dot", num_partitions=partitions)
-            table.create_index("search_key", config=config, replace=True)
-            self._indexed_rows[dim] = rows
-            self._nprobes[dim] = self.config.nprobes or self._calibrate(table, partitions)
-            return self._nprobes[dim]
+            self._indexed_rows[dim], self._nprobes[dim] = rows, nprobes
+        return nprobes
+
+    def wait_for_index(self) -> None:
+        """Block until the indexes being built in the background are ready."""
+        while self._index_threads:
+            self._index_threads.pop().join()
 
     def _index_nprobes(self, dim: int) -> int | None:
         """nprobes for the table's IVF index; None: no index (exact flat search)."""
@@ -459,8 +486,10 @@ class LanceStore(BufferedStore):
         """Smallest nprobes (doubling) whose recall@top_k against exact search, on stored
         search keys of the largest layer as queries, reaches target_recall."""
         dim = table.schema.field("search_key").type.list_size
+        with self._lock:
+            markers = dict(self._markers)
         memory, marker, layer = max(
-            ((m, mk, layer) for m, mk in self._markers.items() for layer, i in mk.layers.items() if i.head_dim == dim),
+            ((m, mk, layer) for m, mk in markers.items() for layer, i in mk.layers.items() if i.head_dim == dim),
             key=lambda item: item[1].layers[item[2]].live,
         )
         sample = (

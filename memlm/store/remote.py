@@ -35,6 +35,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import grpc
@@ -100,7 +101,7 @@ class RemoteStore(BufferedStore):
             ("grpc.keepalive_time_ms", 30_000),
         ]
         if config.tls:
-            root = open(config.tls_ca, "rb").read() if config.tls_ca else None
+            root = Path(config.tls_ca).read_bytes() if config.tls_ca else None
             credentials = grpc.ssl_channel_credentials(root_certificates=root)
             self._channels = [grpc.secure_channel(a, credentials, options=options) for a in config.addresses]
         else:
