@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -40,6 +40,10 @@ class IngestStats:
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / max(self.seconds, 1e-9)
+
+
+class IngestCancelled(Exception):
+    """An ingest stopped by its `cancelled` callback (rolled back)."""
 
 
 @dataclass
@@ -125,19 +129,28 @@ class MemoryLM:
 
     # -- ingest ---------------------------------------------------------------------------
 
-    def ingest(self, text: str, memory: str, progress: bool = True) -> IngestStats:
+    def ingest(
+        self, text: str, memory: str, progress: bool = True, cancelled: Callable[[], bool] | None = None
+    ) -> IngestStats:
         """Read `text` into the named memory (appending when it exists). All or nothing: a
         failure or interruption leaves the memory as it was."""
         if not isinstance(text, str) or not text.strip():
             raise ValueError("nothing to ingest: the text is empty")
         token_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return self.ingest_tokens(token_ids, memory, progress=progress)
+        return self.ingest_tokens(token_ids, memory, progress=progress, cancelled=cancelled)
 
     def ingest_tokens(
-        self, token_ids: list[int], memory: str, progress: bool = True, return_logits: bool = False
+        self,
+        token_ids: list[int],
+        memory: str,
+        progress: bool = True,
+        return_logits: bool = False,
+        cancelled: Callable[[], bool] | None = None,
     ) -> IngestStats:
         """Ingest token ids; with `return_logits` the stats also carry the logits of every
-        token as the memory model computed them (exactness tests, perplexity)."""
+        token as the memory model computed them (exactness tests, perplexity). `cancelled`
+        is asked before every segment (a server's client gone or past its deadline): when it
+        says True the ingest rolls back and raises `IngestCancelled`."""
         check_memory_name(memory)
         if not token_ids:
             raise ValueError("nothing to ingest: no tokens")
@@ -154,6 +167,8 @@ class MemoryLM:
                 bar = tqdm(total=len(token_ids), unit="tok", desc=f"ingest {memory}", disable=not progress)
                 with bar:
                     for start in segments:
+                        if cancelled is not None and cancelled():
+                            raise IngestCancelled(f"ingest into {memory!r} cancelled; the memory is as it was")
                         segment = token_ids[start : start + segment_len]
                         out = self._forward(session, segment, logits="all" if return_logits else "none")
                         if return_logits:
