@@ -6,9 +6,9 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-Backend = Literal["fot", "knn"]
+Backend = Literal["fot", "knn", "xl"]
 PositionMode = Literal["window", "zero", "exact"]
-BACKENDS: tuple[str, ...] = ("fot", "knn")
+BACKENDS: tuple[str, ...] = ("fot", "knn", "xl")
 POSITION_MODES: tuple[str, ...] = ("window", "zero", "exact")
 
 
@@ -43,6 +43,18 @@ class MemoryConfig:
     # Storage precision of memory keys and values.
     memory_dtype: Literal["float16", "float32"] = "float16"
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.backend == "xl":
+            # Transformer-XL is the local window alone: every layer attends to the cached keys
+            # and values of the previous local_len tokens (its mem_len), positions continuing;
+            # nothing is written to, or read from, the vector store.
+            self.memory_layers, self.sink_len = [], 0
+
+    @property
+    def mem_len(self) -> int:
+        """Transformer-XL's name for the recurrence length (the local window)."""
+        return self.local_len
 
     def validate(self, num_layers: int, max_positions: int) -> None:
         """Raise ValueError with a message that says what to change."""

@@ -85,3 +85,25 @@ def test_local_attention_kernel_matches_masked_softmax() -> None:
     torch.testing.assert_close(got.lse, scores.logsumexp(-1))
     plain = softmax_attention(queries, keys[:, None], values[:, None], 0.3, causal=False)
     torch.testing.assert_close(plain.lse, (torch.einsum("hgtd,hld->hgtl", queries, keys) * 0.3).logsumexp(-1))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_xl_with_mem_len_covering_the_past_is_full_attention(family: str) -> None:
+    lm = tiny_lm(family, backend="xl", segment_len=16, local_len=256)
+    ids = torch.randint(0, 120, (1, 203), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = tiny_model(family)(ids).logits[0]
+    stats = lm.ingest_tokens(ids[0].tolist(), "doc", progress=False, return_logits=True)
+    torch.testing.assert_close(stats.logits, expected)
+    assert lm.store.stats("doc").tokens == 0, "xl keeps its cache in the memory's state, not in the vector store"
+
+
+def test_xl_forgets_beyond_mem_len() -> None:
+    """Past mem_len, the oldest tokens are gone: logits differ from full attention."""
+    lm = tiny_lm(backend="xl", segment_len=16, local_len=32)
+    ids = torch.randint(0, 120, (1, 203), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = tiny_model()(ids).logits[0]
+    got = lm.ingest_tokens(ids[0].tolist(), "doc", progress=False, return_logits=True).logits
+    torch.testing.assert_close(got[:48], expected[:48])  # everything still inside mem_len + segment
+    assert not torch.allclose(got[-50:], expected[-50:], atol=1e-4)

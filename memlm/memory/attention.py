@@ -26,7 +26,7 @@ def rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> 
     The angles are computed in float32 exactly as transformers does, so that undoing a
     rotation transformers applied is exact to rounding.
     """
-    freqs = positions.to(torch.float32)[..., None] * inv_freq.to(torch.float32)  # (..., T, D/2)
+    freqs = positions.to(x.device, torch.float32)[..., None] * inv_freq.to(x.device, torch.float32)  # (..., T, D/2)
     emb = torch.cat((freqs, freqs), dim=-1)
     x32 = x.to(torch.float32)
     first, second = x32.chunk(2, dim=-1)

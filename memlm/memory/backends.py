@@ -6,6 +6,9 @@ their shares of the total mass, so with every past key retrieved this *is* full 
 
 `knn` (Memorizing Transformers): two separate softmaxes mixed by a learned per-head gate
 g = sigmoid(b): out = g * memory + (1 - g) * local.
+
+`xl` (Transformer-XL): no vector memory; the recurrent cache of the last `local_len` tokens
+(the session's local window) is the memory.
 """
 
 from __future__ import annotations
@@ -47,9 +50,21 @@ class MemorizingBackend(nn.Module):
         return mixed.to(local.out.dtype)
 
 
+class RecurrenceBackend:
+    """Transformer-XL segment recurrence: the cached window is the whole memory, so there is
+    never a retrieved part to merge (MemoryConfig turns memory layers off for it)."""
+
+    name = "xl"
+
+    def combine(self, layer: int, local: Attended, memory: Attended) -> torch.Tensor:
+        raise RuntimeError("the xl backend reads no vector memory")
+
+
 def make_backend(name: str, num_layers: int, num_heads: int, gate_init: float) -> MemoryBackend:
     if name == "fot":
         return FocusedBackend()
     if name == "knn":
         return MemorizingBackend(num_layers, num_heads, gate_init)
-    raise ValueError(f"unknown backend {name!r}; choose fot or knn")
+    if name == "xl":
+        return RecurrenceBackend()
+    raise ValueError(f"unknown backend {name!r}; choose fot, knn or xl")

@@ -57,6 +57,7 @@ class ModelShape:
     head_dim: int
     inv_freq: torch.Tensor  # (D/2,)
     dtype: torch.dtype
+    device: torch.device
 
 
 class MemorySession:
@@ -77,15 +78,15 @@ class MemorySession:
         self.retrieved: dict[int, Retrieval] = {}
         heads, dim = shape.num_kv_heads, shape.head_dim
         if state is None:
-            empty = torch.zeros(heads, 0, dim, dtype=shape.dtype)
+            empty = torch.zeros(heads, 0, dim, dtype=shape.dtype, device=shape.device)
             self.windows = [LayerWindow(empty, empty) for _ in range(shape.num_layers)]
             self.positions = torch.zeros(0, dtype=torch.long)  # (N,) document positions of the window
             self.next_position = 0
             self.has_memory = False
             self.token_ids: list[int] = []
         else:
-            keys = torch.from_numpy(state["window_keys"].astype(np.float32)).to(shape.dtype)  # (layers, Hkv, N, D)
-            values = torch.from_numpy(state["window_values"].astype(np.float32)).to(shape.dtype)
+            keys = torch.from_numpy(state["window_keys"].astype(np.float32)).to(shape.device, shape.dtype)  # (layers, Hkv, N, D)
+            values = torch.from_numpy(state["window_values"].astype(np.float32)).to(shape.device, shape.dtype)
             self.windows = [LayerWindow(k, v) for k, v in zip(keys, values)]
             self.positions = torch.from_numpy(state["window_positions"]).long()
             self.next_position = int(state["next_position"])
@@ -161,13 +162,13 @@ class MemorySession:
         chunk = self.config.query_chunk
         # Score blocks as if every memory key sat at the memory position: undo that much rotation.
         search = rotate(chunk_query_sums(queries, chunk), torch.tensor(-self.memory_position), self.shape.inv_freq)
-        found = self.store.search(self.memory, layer, search.numpy(), self.config.top_k)
+        found = self.store.search(self.memory, layer, search.cpu().numpy(), self.config.top_k)
         if found.k == 0:
             return None
         self.retrieved[layer] = Retrieval(found.positions, found.scores)
         heads, chunks, k, block, dim = found.keys.shape
-        keys = torch.from_numpy(found.keys.reshape(heads, chunks, k * block, dim)).to(self.shape.dtype)
-        values = torch.from_numpy(found.values.reshape(heads, chunks, k * block, dim)).to(self.shape.dtype)
+        keys = torch.from_numpy(found.keys.reshape(heads, chunks, k * block, dim)).to(self.shape.device, self.shape.dtype)
+        values = torch.from_numpy(found.values.reshape(heads, chunks, k * block, dim)).to(self.shape.device, self.shape.dtype)
         if self.config.position_mode == "exact":
             where = torch.from_numpy(found.positions.reshape(heads, chunks, k * block))
         else:
@@ -218,9 +219,9 @@ class MemorySession:
                     self.memory,
                     layer,
                     Blocks(
-                        search_keys=keys.mean(dim=2).numpy(),
-                        keys=keys.numpy().astype(dtype),
-                        values=values.numpy().astype(dtype),
+                        search_keys=keys.mean(dim=2).cpu().numpy(),
+                        keys=keys.cpu().numpy().astype(dtype),
+                        values=values.cpu().numpy().astype(dtype),
                         positions=positions,
                     ),
                 )
@@ -234,8 +235,8 @@ class MemorySession:
         """What `ask` in another process needs to continue from this session."""
         dtype = NUMPY_DTYPES[self.config.memory_dtype]
         return {
-            "window_keys": torch.stack([w.keys for w in self.windows]).float().numpy().astype(dtype),
-            "window_values": torch.stack([w.values for w in self.windows]).float().numpy().astype(dtype),
+            "window_keys": torch.stack([w.keys for w in self.windows]).float().cpu().numpy().astype(dtype),
+            "window_values": torch.stack([w.values for w in self.windows]).float().cpu().numpy().astype(dtype),
             "window_positions": self.positions.numpy(),
             "next_position": np.array(self.next_position),
             "has_memory": np.array(self.has_memory),

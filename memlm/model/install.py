@@ -50,6 +50,7 @@ def install_memory_attention(model: PreTrainedModel) -> ModelShape:
         num_heads=config.num_attention_heads,
         num_kv_heads=config.num_key_value_heads,
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
-        inv_freq=rotary.inv_freq.detach().float().cpu(),
+        inv_freq=rotary.inv_freq.detach().float(),
         dtype=model.dtype,
+        device=model.device,
     )

@@ -27,6 +27,15 @@ import numpy as np
 from memlm.store.base import Blocks, MemoryNotFound, MemoryStats, SearchResult, check_memory_name
 
 MANIFEST = "manifest.json"
+# GPU FAISS (the `gpu` extra, faiss-gpu-cu12) when a GPU is there; exact search either way.
+USE_GPU = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+_gpu_resources = faiss.StandardGpuResources() if USE_GPU else None
+
+
+def flat_ip_index(dim: int) -> faiss.Index:
+    if USE_GPU:
+        return faiss.GpuIndexFlatIP(_gpu_resources, dim)
+    return faiss.IndexFlatIP(dim)
 
 
 class GrowableArray:
@@ -85,7 +94,7 @@ class LayerBlocks:
             keys=GrowableArray((heads, block_len, dim), dtype),
             values=GrowableArray((heads, block_len, dim), dtype),
             positions=GrowableArray((block_len,), np.int64),
-            indexes=[faiss.IndexFlatIP(dim) for _ in range(heads)],
+            indexes=[flat_ip_index(dim) for _ in range(heads)],
         )
 
     def append(self, search_keys: np.ndarray, keys: np.ndarray, values: np.ndarray, positions: np.ndarray) -> None:
