@@ -39,7 +39,7 @@ import numpy as np
 from tqdm import tqdm
 
 from memlm.store import Blocks, FaissStore, VectorStore
-from memlm.store.lance_store import LanceStore, _partitions
+from memlm.store.lance_store import LanceStore
 from memlm.store.remote import RemoteStore
 
 REPO = Path(__file__).resolve().parents[2]
@@ -76,7 +76,6 @@ class AnnResult:
     size: int
     index: str
     nprobes: int
-    partitions: int
     search_ms: float
     recall: float
     chosen: bool  # the nprobes LanceStore measured for itself
@@ -201,13 +200,12 @@ def bench_size(config: BenchConfig, size: int, folder: Path, report: Report, pro
     report.stores.append(StoreResult("lance (Lance search)", size, None, search_ms, recall(found, truth), kind))
     step("lance search")
     if chosen:
-        partitions = _partitions(size)
-        sweep = sorted({1, 2, 4, 8, 16, 32, 64, 128, chosen} & set(range(1, min(partitions, 4 * chosen) + 1)))
+        sweep = sorted({2**i for i in range(12) if 2**i <= 4 * chosen} | {chosen})
         for nprobes in sweep:
             probe = LanceStore(str(folder / "lance"), cache_bytes=0, nprobes=nprobes)
             ms, found = timed_search(probe, queries, config, 1)
             report.ann.append(
-                AnnResult(size, "IVF_FLAT", nprobes, partitions, ms, recall(found, truth), nprobes == chosen)
+                AnnResult(size, "IVF_FLAT", nprobes, ms, recall(found, truth), nprobes == chosen)
             )
     del store
     gc.collect()
@@ -263,10 +261,10 @@ def print_table(report: Report) -> None:
         append = f"{r.append_vectors_per_s:,.0f}" if r.append_vectors_per_s else "-"
         print(f"{r.size:>10,}  {r.store:<24}{append:>14}{r.search_ms:>12.1f}{r.recall:>9.3f}  {r.note}")
     if report.ann:
-        print(f"\n{'N':>10}  {'index':<10}{'nprobes':>8}{'of':>6}{'search ms':>12}{'recall@' + str(config.top_k):>11}")
+        print(f"\n{'N':>10}  {'index':<10}{'nprobes':>8}{'search ms':>12}{'recall@' + str(config.top_k):>11}")
         for a in report.ann:
             mark = "  <- measured choice" if a.chosen else ""
-            print(f"{a.size:>10,}  {a.index:<10}{a.nprobes:>8}{a.partitions:>6}{a.search_ms:>12.1f}{a.recall:>11.3f}{mark}")
+            print(f"{a.size:>10,}  {a.index:<10}{a.nprobes:>8}{a.search_ms:>12.1f}{a.recall:>11.3f}{mark}")
     for size, ratios in report.targets.items():
         print(
             f"N={size:,}: remote search {ratios['remote_search_over_faiss']:.2f}x in-process FAISS (target <= 1.5), "
