@@ -145,6 +145,43 @@ def store_serve(
     run(port, data, token, tls_cert, tls_key, host=host)
 
 
+@app.command()
+def serve(
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 50051,
+    model: ModelOpt = None,
+    backend: BackendOpt = "fot",
+    store: StoreOpt = None,
+    top_k: TopKOpt = None,
+    dtype: Annotated[str, typer.Option(help="Model weights: bfloat16, float32 or float16.")] = "bfloat16",
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    token: Annotated[Optional[str], typer.Option(help="Bearer token clients must send (env MEMLM_TOKEN).")] = None,
+    tls_cert: Annotated[Optional[str], typer.Option(help="TLS certificate (PEM).")] = None,
+    tls_key: Annotated[Optional[str], typer.Option(help="TLS private key (PEM).")] = None,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "[::]",
+    metrics_port: Annotated[Optional[int], typer.Option(help="Serve Prometheus /metrics on this port.")] = None,
+    concurrency: Annotated[int, typer.Option(help="Requests computing at once.")] = 4,
+    queue_size: Annotated[int, typer.Option(help="Requests waiting; more get RESOURCE_EXHAUSTED.")] = 32,
+    ray: Annotated[bool, typer.Option("--ray", help="Run the model's layers in Ray actors.")] = False,
+    shards: Annotated[int, typer.Option(help="With --ray: actors, each a block of layers.")] = 1,
+    replicas: Annotated[int, typer.Option(help="With --ray: pipelines serving in parallel.")] = 1,
+    ray_address: Annotated[Optional[str], typer.Option(help="With --ray: join this cluster (default: start one).")] = None,
+) -> None:
+    """Serve the MemoryLM gRPC service (Ingest, Generate, ListMemories, DeleteMemory)."""
+    from services.model_server import ModelServerConfig, run
+
+    settings = {"top_k": top_k} if top_k is not None else {}
+    config = ModelServerConfig(
+        port=port, model=model, backend=backend, store=store, dtype=dtype, device=device, settings=settings,
+        token=token, tls_cert=tls_cert, tls_key=tls_key, host=host, metrics_port=metrics_port,
+        concurrency=concurrency, queue_size=queue_size, ray=ray, shards=shards, replicas=replicas,
+        ray_address=ray_address,
+    )  # fmt: skip
+    try:
+        run(config)
+    except (ValueError, KeyError, OSError) as error:
+        _fail(str(error))
+
+
 @bench_app.command("passkey")
 def bench_passkey(
     lengths: Annotated[str, typer.Option(help="Comma-separated document lengths in tokens.")] = "4000,16000,32000",
