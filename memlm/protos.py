@@ -114,7 +114,10 @@ def to_tensor(array: np.ndarray, tensor=None):
     (a field of a message being built), else returns a new one."""
     if tensor is None:
         tensor = load("store_pb2").Tensor()
-    array = np.ascontiguousarray(array, dtype=np.asarray(array).dtype.newbyteorder("<"))
+    array = np.asarray(array)
+    # ascontiguousarray returns at least 1-d: reshape, so that 0-d arrays (scalars in a
+    # memory's state) come back 0-d.
+    array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).reshape(array.shape)
     tensor.dtype = array.dtype.name
     tensor.shape[:] = array.shape
     tensor.data = array.tobytes()
