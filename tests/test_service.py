@@ -21,9 +21,11 @@ from conftest import tiny_lm
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from store_fixtures import free_port
+from store_fixtures import running_server as running_store
 
 from memlm.client import MemoryClient, ServiceError, ingest_requests
 from memlm.protos import memlm_pb2, memlm_pb2_grpc
+from memlm.store.remote import RemoteStore
 from services import model_server
 from services.model_server import MemoryLocks, ModelServer, ModelServerConfig, serve
 
@@ -112,6 +114,19 @@ def test_ingest_then_generate_matches_in_process(server):
     # Token ids in, the same memory out.
     c.ingest(tokens=reference.tokenizer(DOC)["input_ids"], memory="doc-ids")
     assert tokens_of(c.generate(QUESTION, memory="doc-ids", max_new_tokens=24)) == tokens_of(pieces)
+
+
+def test_with_a_remote_store(tmp_path):
+    with running_store(tmp_path / "store") as store:
+        remote = RemoteStore.from_url(f"grpc://127.0.0.1:{store.port}")
+        with model_service(tiny_lm(store=remote, **SETTINGS)) as server:
+            c = client(server)
+            c.ingest(DOC, memory="doc")
+            reference = make_lm()
+            reference.ingest(DOC, "doc", progress=False)
+            expected = [p.token_id for p in reference.stream(QUESTION, memory="doc", max_new_tokens=16)]
+            assert tokens_of(c.generate(QUESTION, memory="doc", max_new_tokens=16)) == expected
+            assert remote.memories() == ["doc"]  # written to the store service
 
 
 def test_chat_messages_and_seeded_sampling(server):
@@ -248,6 +263,7 @@ def test_full_queue_answers_resource_exhausted():
 KILLED_CLIENT = """
 import sys, time, grpc
 from memlm.protos import memlm_pb2, memlm_pb2_grpc
+from memlm.store.remote import RemoteStore
 
 def requests():
     yield memlm_pb2.IngestRequest(start=memlm_pb2.IngestStart(memory="doc"))
