@@ -36,6 +36,7 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 
+import faiss
 import lancedb
 import numpy as np
 import pyarrow as pa
@@ -49,6 +50,9 @@ from memlm.store.faiss_store import FaissStore, _empty_result
 log = logging.getLogger(__name__)
 
 COMMITS = "commits"
+# Lance runs a batch of queries side by side, and each query holds its own flat scan of the
+# rows no index covers: queries per call are chosen to keep that under this many bytes.
+LANCE_SCAN_BUDGET = 512 << 20
 COMMITS_SCHEMA = pa.schema(
     [("memory", pa.string()), ("commit", pa.int64()), ("layers", pa.string()), ("state", pa.binary())]
 )
@@ -233,7 +237,6 @@ class LanceStore(BufferedStore):
         self, memory: str, marker: Marker, layer: int, queries: np.ndarray, top_k: int, skip: int
     ) -> SearchResult:
         info = marker.layers[layer]
-        table = self._table(info.head_dim)
         heads, num_queries, dim = queries.shape
         k = min(top_k, info.live - skip)
         dtype = np.dtype(info.dtype).newbyteorder("<")
@@ -241,38 +244,57 @@ class LanceStore(BufferedStore):
         values = np.empty_like(keys)
         positions = np.empty((heads, num_queries, k, info.block_len), np.int64)
         scores = np.empty((heads, num_queries, k), np.float32)
-        columns = ["block", "search_key", "keys", "values", "positions", "_distance"]
+        batch = self._query_batch(info.head_dim)
         for head in range(heads):
-            query = (
-                table.search(list(queries[head].astype(np.float32)), vector_column_name="search_key")
-                .distance_type("dot")
-                .where(self._where(memory, marker, layer, head, skip), prefilter=True)
-                .limit(k)
-                .select(columns)
-            )
-            nprobes = self._index_nprobes(info.head_dim)
-            if nprobes is None and info.head_dim in self._building:
-                query = query.bypass_vector_index()  # a new index, its nprobes not measured yet
-            elif nprobes is not None:
-                query = query.nprobes(nprobes)
-                if self.config.index_type == "IVF_PQ":
-                    query = query.refine_factor(self.config.refine_factor)
-            rows = query.to_arrow()
-            if rows.num_rows != num_queries * k:  # an ANN probe came back short: answer exactly
-                rows = query.bypass_vector_index().to_arrow()
-            if "query_index" not in rows.column_names:  # Lance leaves it out for a single query
-                rows = rows.append_column("query_index", pa.array(np.zeros(rows.num_rows, np.int32)))
-            rows = rows.sort_by([("query_index", "ascending"), ("_distance", "ascending")]).combine_chunks()
-            found_keys = _fixed_rows(rows["search_key"], np.float32, (num_queries, k, dim))
-            # Rescore exactly: Lance's dot distance is 1 - q.k in float32, which rounds away digits.
-            scores[head] = np.einsum("qd,qkd->qk", queries[head].astype(np.float32), found_keys)
-            keys[head] = _binary_rows(rows["keys"], dtype, (num_queries, k, info.block_len, dim))
-            values[head] = _binary_rows(rows["values"], dtype, (num_queries, k, info.block_len, dim))
-            positions[head] = _binary_rows(rows["positions"], np.dtype("<i8"), (num_queries, k, info.block_len))
+            for start in range(0, num_queries, batch):
+                part = slice(start, start + batch)
+                rows = self._lance_top_k(memory, marker, layer, head, skip, queries[head, part], k)
+                n = len(queries[head, part])
+                found_keys = _fixed_rows(rows["search_key"], np.float32, (n, k, dim))
+                # Rescore exactly: Lance's dot distance is 1 - q.k in float32, which rounds away digits.
+                scores[head, part] = np.einsum("qd,qkd->qk", queries[head, part].astype(np.float32), found_keys)
+                keys[head, part] = _binary_rows(rows["keys"], dtype, (n, k, info.block_len, dim))
+                values[head, part] = _binary_rows(rows["values"], dtype, (n, k, info.block_len, dim))
+                positions[head, part] = _binary_rows(rows["positions"], np.dtype("<i8"), (n, k, info.block_len))
         # Lance orders by its rounded distance; restore the exact order.
         order = np.argsort(-scores, axis=2, kind="stable")
         take = lambda a: np.take_along_axis(a, order.reshape(order.shape + (1,) * (a.ndim - 3)), axis=2)  # noqa: E731
         return SearchResult(take(keys), take(values), take(positions), take(scores))
+
+    def _query_batch(self, dim: int, indexed: int | None = None) -> int:
+        """Queries per Lance call (see LANCE_SCAN_BUDGET), given how many rows the index covers."""
+        if indexed is None:
+            self._index_nprobes(dim)  # learn of an index an earlier process built
+            indexed = self._indexed_rows.get(dim) or 0
+        unindexed = self._table(dim).count_rows() - indexed
+        return int(np.clip(LANCE_SCAN_BUDGET // max(1, unindexed * dim * 4), 1, 256))
+
+    def _lance_top_k(
+        self, memory: str, marker: Marker, layer: int, head: int, skip: int, queries: np.ndarray, k: int
+    ) -> pa.Table:
+        """Rows of the top-k blocks of each query, query by query, best first."""
+        dim = marker.layers[layer].head_dim
+        query = (
+            self._table(dim)
+            .search(list(queries.astype(np.float32)), vector_column_name="search_key")
+            .distance_type("dot")
+            .where(self._where(memory, marker, layer, head, skip), prefilter=True)
+            .limit(k)
+            .select(["block", "search_key", "keys", "values", "positions", "_distance"])
+        )
+        nprobes = self._index_nprobes(dim)
+        if nprobes is None and dim in self._building:
+            query = query.bypass_vector_index()  # a new index, its nprobes not measured yet
+        elif nprobes is not None:
+            query = query.nprobes(nprobes)
+            if self.config.index_type == "IVF_PQ":
+                query = query.refine_factor(self.config.refine_factor)
+        rows = query.to_arrow()
+        if rows.num_rows != len(queries) * k:  # an ANN probe came back short: answer exactly
+            rows = query.bypass_vector_index().to_arrow()
+        if "query_index" not in rows.column_names:  # Lance leaves it out for a single query
+            rows = rows.append_column("query_index", pa.array(np.zeros(rows.num_rows, np.int32)))
+        return rows.sort_by([("query_index", "ascending"), ("_distance", "ascending")]).combine_chunks()
 
     # -- the FAISS cache ------------------------------------------------------------------------
 
@@ -459,7 +481,7 @@ class LanceStore(BufferedStore):
                 rows = table.count_rows()
                 table.optimize(cleanup_older_than=timedelta(minutes=10))  # compacts, adds new rows to the index
                 if self._indexed_rows.get(dim):  # the index changed: measure again
-                    nprobes = self.config.nprobes or self._calibrate(table)
+                    nprobes = self.config.nprobes or self._calibrate(table, rows)
                     with self._lock:
                         self._indexed_rows[dim], self._nprobes[dim] = rows, nprobes
         except Exception:  # a conflict with a concurrent commit, say: the next commit tries again
@@ -481,7 +503,7 @@ class LanceStore(BufferedStore):
         else:
             config = IvfFlat(distance_type="dot")
         table.create_index("search_key", config=config, replace=True)  # commits and searches go on
-        nprobes = self.config.nprobes or self._calibrate(table)
+        nprobes = self.config.nprobes or self._calibrate(table, rows)
         with self._lock:
             self._indexed_rows[dim], self._nprobes[dim] = rows, nprobes
         return nprobes
@@ -502,13 +524,13 @@ class LanceStore(BufferedStore):
             table = self._table(dim)
             indexes = [index for index in table.list_indices() if "search_key" in index.columns]
             if indexes:  # built by an earlier process: measure recall again
-                self._indexed_rows[dim] = indexes[0].num_indexed_rows
-                self._nprobes[dim] = self.config.nprobes or self._calibrate(table)
+                indexed = self._indexed_rows[dim] = indexes[0].num_indexed_rows
+                self._nprobes[dim] = self.config.nprobes or self._calibrate(table, indexed)
             else:
                 self._indexed_rows[dim] = 0
         return self._nprobes.get(dim)
 
-    def _calibrate(self, table, top_k: int = 32, max_nprobes: int = 4096) -> int:
+    def _calibrate(self, table, indexed: int, top_k: int = 32, max_nprobes: int = 4096) -> int:
         """The nprobes to search with: the smallest power of two whose recall@top_k against
         exact search reaches target_recall on calibration queries, doubled as a margin.
 
@@ -523,28 +545,33 @@ class LanceStore(BufferedStore):
             key=lambda item: item[1].layers[item[2]].live,
         )
         where = self._where(memory, marker, layer, head=0)
-        sample = table.search().where(where).select(["search_key"]).limit(20_000).to_arrow()
-        keys = _fixed_rows(sample["search_key"], np.float32, (sample.num_rows, dim))
+        info = marker.layers[layer]
+        group = table.search().where(where).select(["block", "search_key"]).limit(info.live).to_arrow()
+        keys = _fixed_rows(group["search_key"], np.float32, (group.num_rows, dim))
+        blocks = group["block"].to_numpy()
         rng = np.random.default_rng(0)
         count = self.config.calibration_queries
         noise = rng.standard_normal((count, dim)) * keys.std(axis=0)
-        queries = list((keys[rng.integers(0, len(keys), count)] + noise).astype(np.float32))
+        queries = (keys[rng.integers(0, len(keys), count)] + noise).astype(np.float32)
+        exact_index = faiss.IndexFlatIP(dim)
+        exact_index.add(keys)
+        exact = [set(blocks[row]) for row in exact_index.search(queries, top_k)[1]]
+        del exact_index, keys
 
-        def found(nprobes: int | None) -> list[set[int]]:
-            query = table.search(queries, vector_column_name="search_key").distance_type("dot")
-            query = query.where(where, prefilter=True).limit(top_k).select(["block", "_distance"])
-            if nprobes is None:
-                query = query.bypass_vector_index()
-            else:
-                query = query.nprobes(nprobes)
+        def found(nprobes: int) -> list[set[int]]:
+            results, step = [], self._query_batch(dim, indexed)
+            for start in range(0, len(queries), step):
+                batch = list(queries[start : start + step])
+                query = table.search(batch, vector_column_name="search_key").distance_type("dot")
+                query = query.where(where, prefilter=True).limit(top_k).select(["block", "_distance"]).nprobes(nprobes)
                 if self.config.index_type == "IVF_PQ":
                     query = query.refine_factor(self.config.refine_factor)
-            rows = query.to_arrow()
-            block = rows["block"].to_numpy()
-            index = rows["query_index"].to_numpy() if "query_index" in rows.column_names else np.zeros_like(block)
-            return [set(block[index == i]) for i in range(len(queries))]
+                rows = query.to_arrow()
+                block = rows["block"].to_numpy()
+                index = rows["query_index"].to_numpy() if "query_index" in rows.column_names else np.zeros_like(block)
+                results += [set(block[index == i]) for i in range(len(batch))]
+            return results
 
-        exact = found(None)
         nprobes = 1
         while nprobes < max_nprobes:
             approx = found(nprobes)
