@@ -189,11 +189,21 @@ def bench_passkey(
     configs: Annotated[str, typer.Option(help="Comma-separated configurations (see memlm/bench/passkey.py).")] = "all",
     model: ModelOpt = None,
     out: Annotated[Path, typer.Option(help="Where to write JSON and PNG.")] = Path("benchmarks/results"),
+    name: Annotated[str, typer.Option(help="File name stem of the results.")] = "passkey",
+    throughput_length: Annotated[int, typer.Option(help="Document length for the speed measurements.")] = 32_000,
 ) -> None:
     """Passkey retrieval, ingest throughput, decode latency and memory size."""
     from memlm.bench.passkey import run
 
-    run(lengths=[int(n) for n in lengths.split(",")], trials=trials, configs=configs, model=model, out_dir=out)
+    run(
+        lengths=[int(n) for n in lengths.split(",")],
+        trials=trials,
+        configs=configs,
+        model=model,
+        out_dir=out,
+        throughput_length=throughput_length,
+        name=name,
+    )
 
 
 @bench_app.command("store")
@@ -205,6 +215,22 @@ def bench_store(
     from memlm.bench.store import run
 
     run(sizes=tuple(int(n) for n in sizes.split(",")), out_dir=str(out))
+
+
+
+@bench_app.command("serve")
+def bench_serve(
+    document_tokens: Annotated[int, typer.Option(help="Tokens of the ingested document.")] = 4096,
+    max_tokens: Annotated[int, typer.Option(help="Tokens generated per stream.")] = 32,
+    soak_seconds: Annotated[float, typer.Option(help="Seconds of 16 concurrent streams in a loop (0: none).")] = 60.0,
+    ray_shards: Annotated[int, typer.Option(help="Shards of the Ray comparison (0: skip it).")] = 2,
+    out: Annotated[Path, typer.Option(help="Where to write JSON and PNG.")] = Path("benchmarks/results"),
+) -> None:
+    """The gRPC model service over loopback: ingest, concurrent Generate streams, soak, Ray shards."""
+    from memlm.bench.serve import BenchConfig, run
+
+    run(BenchConfig(document_tokens=document_tokens, max_tokens=max_tokens, soak_seconds=soak_seconds,
+                    ray_shards=ray_shards, out_dir=str(out)))  # fmt: skip
 
 
 if __name__ == "__main__":
