@@ -25,9 +25,9 @@ class MemoryConfig:
     # Layers that read and write the external memory: a list of indices or "all".
     memory_layers: list[int] | Literal["all"] = "all"
     # Memory is stored and retrieved in blocks of consecutive tokens (1 = per-token kNN memory).
-    block_len: int = 64
+    block_len: int = 16
     # Blocks retrieved per key/value head for each chunk of queries.
-    top_k: int = 4
+    top_k: int = 8
     # Queries that share one retrieval (their summed query scores the blocks, as in InfLLM).
     query_chunk: int = 128
     # Where retrieved keys sit for RoPE: "window" (all at the position just before the local

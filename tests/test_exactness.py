@@ -77,7 +77,7 @@ def test_local_attention_kernel_matches_masked_softmax() -> None:
     g = torch.Generator().manual_seed(4)
     queries, prefix = torch.randn(2, 3, 7, 8, generator=g), 5
     keys, values = torch.randn(2, prefix + 7, 8, generator=g), torch.randn(2, prefix + 7, 8, generator=g)
-    got = attend(queries, keys, values, 0.3, prefix)
+    got = attend(queries, keys[:, :prefix], values[:, :prefix], keys[:, prefix:], values[:, prefix:], 0.3)
     scores = torch.einsum("hgtd,hld->hgtl", queries, keys) * 0.3
     visible = torch.arange(prefix + 7)[None, :] <= torch.arange(7)[:, None] + prefix
     scores = scores.masked_fill(~visible, float("-inf"))

@@ -58,19 +58,25 @@ def softmax_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.T
 def merge(first: Attended, second: Attended) -> Attended:
     """The softmax over the union of two key sets, from the softmaxes over each: weight each
     output by its share of the total mass. Exact, and the Focused Transformer's joint softmax."""
-    first_share = torch.sigmoid(first.lse - second.lse)[..., None]
-    out = first_share * first.out.float() + (1.0 - first_share) * second.out.float()
+    second_share = torch.sigmoid(second.lse - first.lse)[..., None]
+    out = torch.lerp(first.out.float(), second.out.float(), second_share)
     return Attended(out.to(first.out.dtype), torch.logaddexp(first.lse, second.lse))
 
 
-def attend(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float, prefix: int) -> Attended:
-    """Local attention: queries (Hkv, G, T, D) over keys/values (Hkv, P + T, D) where the first
-    `prefix` = P keys (sinks, local window) are visible to every query and the last T are the
-    queries' own tokens, seen causally."""
-    own = softmax_attention(queries, keys[:, None, prefix:], values[:, None, prefix:], scaling, causal=True)
-    if prefix == 0:
+def attend(
+    queries: torch.Tensor,
+    prefix_keys: torch.Tensor,
+    prefix_values: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    scaling: float,
+) -> Attended:
+    """Local attention: queries (Hkv, G, T, D) over a prefix (Hkv, P, D) that every query sees
+    (sinks, local window) and their own tokens' keys/values (Hkv, T, D), seen causally."""
+    own = softmax_attention(queries, keys[:, None], values[:, None], scaling, causal=True)
+    if prefix_keys.shape[1] == 0:
         return own
-    past = softmax_attention(queries, keys[:, None, :prefix], values[:, None, :prefix], scaling, causal=False)
+    past = softmax_attention(queries, prefix_keys[:, None], prefix_values[:, None], scaling, causal=False)
     return merge(past, own)
 
 
@@ -83,6 +89,7 @@ def attend_chunks(
     retrieved keys each.
     """
     heads, group, num_queries, dim = queries.shape
+    chunk = min(chunk, num_queries)  # a decoding step is one short chunk: do not pad it
     num_chunks = keys.shape[1]
     padded = num_chunks * chunk
     q = torch.nn.functional.pad(queries, (0, 0, 0, padded - num_queries))  # (Hkv, G, C*chunk, D)
@@ -105,6 +112,7 @@ def chunk_query_sums(queries: torch.Tensor, chunk: int) -> torch.Tensor:
     queries (Hkv, G, T, D) -> (Hkv, C, D)
     """
     heads, group, num_queries, dim = queries.shape
+    chunk = min(chunk, num_queries)
     num_chunks = -(-num_queries // chunk)
     padded = torch.nn.functional.pad(queries.float(), (0, 0, 0, num_chunks * chunk - num_queries))
     return padded.view(heads, group, num_chunks, chunk, dim).sum(dim=(1, 3))

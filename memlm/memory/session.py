@@ -147,9 +147,7 @@ class MemorySession:
         heads, dim = self.shape.num_kv_heads, self.shape.head_dim
         num_new = query.shape[2]
         queries = query[0].view(heads, -1, num_new, dim)  # (Hkv, G, T, D)
-        keys = torch.cat([window.cache_keys, key[0]], dim=1)  # (Hkv, N+T, D)
-        values = torch.cat([window.cache_values, value[0]], dim=1)
-        local = attend(queries, keys, values, scaling, prefix=window.cache_keys.shape[1])
+        local = attend(queries, window.cache_keys, window.cache_values, key[0], value[0], scaling)
         out = local.out
         if self.reads_memory and self.has_memory and layer in self.memory_layers:
             memory = self._read_memory(layer, queries, scaling)
