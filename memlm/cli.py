@@ -206,6 +206,40 @@ def bench_passkey(
     )
 
 
+@bench_app.command("eval")
+def bench_eval(
+    lengths: Annotated[str, typer.Option(help="Comma-separated document lengths in tokens.")] = "4000,16000,32000",
+    long: Annotated[bool, typer.Option("--long", help="Also run at 128,000 tokens.")] = False,
+    window_length: Annotated[int, typer.Option(help="In-window reference length (whole document visible).")] = 2000,
+    trials: Annotated[int, typer.Option(help="Documents per task, length and configuration (several questions each).")] = 5,
+    tasks: Annotated[str, typer.Option(help="Comma-separated: passkey,kv-lines,multi-needle,babilong,docqa.")] = "all",
+    configs: Annotated[str, typer.Option(help="Comma-separated: plain,fot,knn,xl.")] = "all",
+    model: ModelOpt = None,
+    seed: Annotated[int, typer.Option(help="Seed of the generated documents.")] = 0,
+    out: Annotated[Path, typer.Option(help="Where to write JSON and PNG.")] = Path("benchmarks/results"),
+    name: Annotated[str, typer.Option(help="File name stem of the results.")] = "eval",
+) -> None:
+    """Long-context tasks (passkey, key-value lines, multi-needle, BABILong-style facts, document QA):
+    accuracy with 95% intervals and retention against the in-window accuracy, per backend."""
+    from memlm.bench.eval import CONFIGS, FAMILIES, LONG_LENGTH, EvalConfig, run
+
+    config = EvalConfig(
+        lengths=[int(n) for n in lengths.split(",")] + ([LONG_LENGTH] if long else []),
+        window_length=window_length,
+        trials=trials,
+        families=list(FAMILIES) if tasks == "all" else tasks.split(","),
+        configs=list(CONFIGS) if configs == "all" else configs.split(","),
+        model=model,
+        seed=seed,
+        out_dir=out,
+        name=name,
+    )
+    try:
+        run(config)
+    except ValueError as error:
+        _fail(str(error))
+
+
 @bench_app.command("store")
 def bench_store(
     sizes: Annotated[str, typer.Option(help="Comma-separated vector counts.")] = "10000,100000,1000000",
@@ -215,7 +249,6 @@ def bench_store(
     from memlm.bench.store import run
 
     run(sizes=tuple(int(n) for n in sizes.split(",")), out_dir=str(out))
-
 
 
 @bench_app.command("serve")
