@@ -30,7 +30,9 @@ class ServerMetrics:
         """`memory_sizes()` yields (memory, tokens, bytes) for every memory, at scrape time."""
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("memlm_requests", "Finished requests by method and status code", ["method", "code"], registry=r)
+        self.requests = Counter(
+            "memlm_requests", "Finished requests by method and status code", ["method", "code"], registry=r
+        )
         self.request_seconds = Histogram(
             "memlm_request_seconds", "Request time, queueing included", ["method"], buckets=LATENCY_BUCKETS, registry=r
         )

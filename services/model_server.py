@@ -294,7 +294,9 @@ class MemoryLMService(memlm_pb2_grpc.MemoryLMServicer):
         with self._call("Ingest", context) as call:
             engine = self._engine()
             start, text, tokens = self._read_ingest(request_iterator, engine, call.alive)
-            call.fields.update(memory=start.memory, chars=len(text) if text is not None else None, tokens=len(tokens or ()))
+            call.fields.update(
+                memory=start.memory, chars=len(text) if text is not None else None, tokens=len(tokens or ())
+            )
             if text is not None and not text.strip():
                 raise ValueError("nothing to ingest: the text is empty (send text or token-id chunks)")
             with self.admission.admit(), self.locks.write(start.memory, call.alive):
@@ -316,7 +318,9 @@ class MemoryLMService(memlm_pb2_grpc.MemoryLMServicer):
                 memory_tokens=stats.memory_tokens,
             )
 
-    def _read_ingest(self, requests, engine: MemoryLM, alive: Alive) -> tuple[memlm_pb2.IngestStart, str | None, list[int] | None]:
+    def _read_ingest(
+        self, requests, engine: MemoryLM, alive: Alive
+    ) -> tuple[memlm_pb2.IngestStart, str | None, list[int] | None]:
         """The whole stream, checked: (start, text or None, token ids or None)."""
         start, texts, tokens, size, ended = None, [], [], 0, False
         try:
@@ -326,12 +330,15 @@ class MemoryLMService(memlm_pb2_grpc.MemoryLMServicer):
                 size += request.ByteSize()
                 if size > self.config.max_ingest_bytes:
                     raise TooLarge(
-                        f"ingest stream over {self.config.max_ingest_bytes} bytes; split the document into several ingests"
+                        f"ingest stream over {self.config.max_ingest_bytes} bytes; "
+                        "split the document into several ingests"
                     )
                 kind = request.WhichOneof("kind")
                 if start is None:
                     if kind != "start":
-                        raise ValueError(f"the first message of an Ingest stream must be `start`, got {kind or 'nothing'}")
+                        raise ValueError(
+                            f"the first message of an Ingest stream must be `start`, got {kind or 'nothing'}"
+                        )
                     start = request.start
                     check_memory_name(start.memory)
                     if start.backend and start.backend != engine.config.backend:
@@ -373,7 +380,9 @@ class MemoryLMService(memlm_pb2_grpc.MemoryLMServicer):
             with self.admission.admit(), reading, self.admission.compute(call.alive):
                 yield from self._stream(engine, options, memory, call)
 
-    def _stream(self, engine: MemoryLM, options: dict, memory: str | None, call: Call) -> Iterator[memlm_pb2.GenerateReply]:
+    def _stream(
+        self, engine: MemoryLM, options: dict, memory: str | None, call: Call
+    ) -> Iterator[memlm_pb2.GenerateReply]:
         result = GenerationResult("", [], "", 0, {})  # filled in when the generator finishes
         started = time.perf_counter()
         sent, last = 0, None
@@ -395,7 +404,9 @@ class MemoryLMService(memlm_pb2_grpc.MemoryLMServicer):
         seconds = time.perf_counter() - started
         self.metrics.tokens.labels("prompt").inc(result.prompt_tokens)
         self.metrics.decode_speed.observe(sent / max(seconds, 1e-9))
-        call.fields.update(prompt_tokens=result.prompt_tokens, completion_tokens=sent, finish_reason=result.finish_reason)
+        call.fields.update(
+            prompt_tokens=result.prompt_tokens, completion_tokens=sent, finish_reason=result.finish_reason
+        )
         yield memlm_pb2.GenerateReply(
             text=last.text,
             token_ids=[last.token_id],
@@ -586,6 +597,7 @@ def run(config: ModelServerConfig) -> None:
     wait_for_signal()
     log.info("stopping: finishing calls in flight", extra={"fields": {"grace_s": config.grace_s}})
     server.stop()
+    log.info("stopped")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -86,7 +86,7 @@ def layer_blocks(num_layers: int, shards: int) -> list[tuple[int, int]]:
     if not 1 <= shards <= num_layers:
         raise ValueError(f"shards must lie between 1 and the model's {num_layers} layers, got {shards}")
     bounds = [round(i * num_layers / shards) for i in range(shards + 1)]
-    return list(zip(bounds[:-1], bounds[1:]))
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
 def shard_memory(memory: str, block: tuple[int, int]) -> str:
@@ -291,7 +291,9 @@ class PipelineStore:
 class PipelineLM(MemoryLM):
     """A `MemoryLM` whose layers run in a pipeline of Ray actors."""
 
-    def __init__(self, skeleton: PreTrainedModel, tokenizer, config: MemoryConfig, store: PipelineStore, shared: _Shared):
+    def __init__(
+        self, skeleton: PreTrainedModel, tokenizer, config: MemoryConfig, store: PipelineStore, shared: _Shared
+    ):
         super().__init__(skeleton, tokenizer, store, config)
         self.actors, self._shared = store.actors, shared
 
@@ -373,9 +375,7 @@ def _store_service(config: PipelineConfig):
     return f"grpc://{host}:{server.port}", server
 
 
-def load_pipelines(
-    config: PipelineConfig, model: PreTrainedModel | None = None, tokenizer=None
-) -> list[PipelineLM]:
+def load_pipelines(config: PipelineConfig, model: PreTrainedModel | None = None, tokenizer=None) -> list[PipelineLM]:
     """Start `config.replicas` pipelines of `config.shards` actors. `model` and `tokenizer`:
     a model already in memory, shipped to the actors in pieces (tests, small models);
     otherwise every actor loads `config.model` (None: the embedded model) and keeps its block."""
@@ -385,7 +385,9 @@ def load_pipelines(
     else:
         path = Path(config.model).expanduser() if config.model else embedded_model_dir()
         model_config, tokenizer = AutoConfig.from_pretrained(path), AutoTokenizer.from_pretrained(path)
-        generation_config = GenerationConfig.from_pretrained(path) if (path / "generation_config.json").exists() else None
+        generation_config = (
+            GenerationConfig.from_pretrained(path) if (path / "generation_config.json").exists() else None
+        )
     num_layers = model_config.num_hidden_layers
     memory_config.validate(num_layers, int(model_config.max_position_embeddings))
     blocks = layer_blocks(num_layers, config.shards)
@@ -402,10 +404,13 @@ def load_pipelines(
         actors = []
         for block in blocks:
             weights = shard_model(model, block) if model is not None else None  # pickled to the actor
-            spec = ShardSpec(block, num_layers, memory_config, store_url, str(path) if path else None, weights, config.dtype)
+            spec = ShardSpec(
+                block, num_layers, memory_config, store_url, str(path) if path else None, weights, config.dtype
+            )
             actors.append(worker.remote(spec))
         ray.get([actor.ready.remote() for actor in actors])  # fail here, not on the first request
         store = PipelineStore(store_url, blocks, actors)
-        pipelines.append(PipelineLM(_skeleton(model_config, generation_config), tokenizer, memory_config, store, shared))
+        pipelines.append(
+            PipelineLM(_skeleton(model_config, generation_config), tokenizer, memory_config, store, shared)
+        )
     return pipelines
-

@@ -69,7 +69,10 @@ def unknown_fields(value, schema: dict, path: str = "") -> Iterator[str]:
 def crd_problems(doc: dict) -> list[str]:
     schema = yaml.safe_load(CRD_SCHEMAS[(doc["apiVersion"], doc["kind"])].read_text())
     # OpenAPI v3 schemas are JSON Schema draft 4 plus annotations (x-kubernetes-*, nullable).
-    problems = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in jsonschema.Draft4Validator(schema).iter_errors(doc)]
+    problems = [
+        f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
+        for e in jsonschema.Draft4Validator(schema).iter_errors(doc)
+    ]
     problems += [f"{field}: not in the {doc['kind']} schema" for field in unknown_fields(doc, schema)]
     return problems
 

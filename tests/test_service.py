@@ -337,7 +337,11 @@ BAD_REQUESTS = {
     "blank text": (lambda c, s: c.ingest("  \n ", memory="doc"), Code.INVALID_ARGUMENT, "text is empty"),
     "bad memory name": (lambda c, s: c.ingest(DOC, memory="../etc"), Code.INVALID_ARGUMENT, "bad memory name"),
     "other backend": (lambda c, s: c.ingest(DOC, memory="doc", backend="knn"), Code.INVALID_ARGUMENT, "'fot' backend"),
-    "token out of vocab": (lambda c, s: c.ingest(tokens=[1, 500], memory="doc"), Code.INVALID_ARGUMENT, "token ids must lie"),
+    "token out of vocab": (
+        lambda c, s: c.ingest(tokens=[1, 500], memory="doc"),
+        Code.INVALID_ARGUMENT,
+        "token ids must lie",
+    ),
     "no end message": (lambda c, s: ingest_raw(s, START, TEXT), Code.INVALID_ARGUMENT, "without an `end` message"),
     "no start message": (lambda c, s: ingest_raw(s, TEXT, END), Code.INVALID_ARGUMENT, "must be `start`"),
     "text and tokens": (
@@ -345,13 +349,33 @@ BAD_REQUESTS = {
         Code.INVALID_ARGUMENT,
         "not both",
     ),
-    "unknown memory": (lambda c, s: list(c.generate(QUESTION, memory="nope")), Code.NOT_FOUND, "no memory named 'nope'"),
+    "unknown memory": (
+        lambda c, s: list(c.generate(QUESTION, memory="nope")),
+        Code.NOT_FOUND,
+        "no memory named 'nope'",
+    ),
     "delete unknown memory": (lambda c, s: c.delete("nope"), Code.NOT_FOUND, "no memory named 'nope'"),
-    "negative max_tokens": (lambda c, s: list(c.generate(QUESTION, max_new_tokens=-3)), Code.INVALID_ARGUMENT, "max_tokens"),
+    "negative max_tokens": (
+        lambda c, s: list(c.generate(QUESTION, max_new_tokens=-3)),
+        Code.INVALID_ARGUMENT,
+        "max_tokens",
+    ),
     "zero max_tokens": (lambda c, s: list(c.generate(QUESTION, max_new_tokens=0)), Code.INVALID_ARGUMENT, "max_tokens"),
-    "temperature too high": (lambda c, s: list(c.generate(QUESTION, temperature=7.0)), Code.INVALID_ARGUMENT, "temperature"),
-    "negative temperature": (lambda c, s: list(c.generate(QUESTION, temperature=-0.5)), Code.INVALID_ARGUMENT, "temperature"),
-    "nan temperature": (lambda c, s: list(c.generate(QUESTION, temperature=float("nan"))), Code.INVALID_ARGUMENT, "temperature"),
+    "temperature too high": (
+        lambda c, s: list(c.generate(QUESTION, temperature=7.0)),
+        Code.INVALID_ARGUMENT,
+        "temperature",
+    ),
+    "negative temperature": (
+        lambda c, s: list(c.generate(QUESTION, temperature=-0.5)),
+        Code.INVALID_ARGUMENT,
+        "temperature",
+    ),
+    "nan temperature": (
+        lambda c, s: list(c.generate(QUESTION, temperature=float("nan"))),
+        Code.INVALID_ARGUMENT,
+        "temperature",
+    ),
     "top_p zero": (lambda c, s: list(c.generate(QUESTION, top_p=0.0)), Code.INVALID_ARGUMENT, "top_p"),
     "empty prompt": (lambda c, s: list(c.generate("")), Code.INVALID_ARGUMENT, "prompt is empty"),
     "prompt and messages": (
@@ -471,7 +495,9 @@ def _health_or_none(port: int):
 
 def test_reflection_lists_the_service(server):
     reflection = reflection_pb2_grpc.ServerReflectionStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
-    replies = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+    replies = reflection.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+    )
     names = {service.name for reply in replies for service in reply.list_services_response.service}
     assert {"memlm.v1.MemoryLM", "grpc.health.v1.Health"} <= names
 
@@ -481,7 +507,9 @@ def test_metrics_endpoint_and_request_ids_in_logs(caplog):
     with model_service(metrics_port=0) as server:
         c = client(server)
         c.ingest(DOC, memory="doc")
-        call = stub(server).Generate(memlm_pb2.GenerateRequest(prompt=QUESTION, max_tokens=4), metadata=(("x-request-id", "req-42"),))
+        call = stub(server).Generate(
+            memlm_pb2.GenerateRequest(prompt=QUESTION, max_tokens=4), metadata=(("x-request-id", "req-42"),)
+        )
         assert len(list(call)) >= 1
         assert dict(call.initial_metadata())["x-request-id"] == "req-42"
         text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()

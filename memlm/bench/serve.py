@@ -225,7 +225,9 @@ def run(config: BenchConfig) -> Report:
 def print_table(report: Report) -> None:
     print(f"\ningest, {report.ingest_tokens} tokens:")
     print(f"  in process {report.ingest_in_process_tps:8.0f} tokens/s")
-    print(f"  gRPC       {report.ingest_grpc_tps:8.0f} tokens/s   ({report.ingest_ratio:.2f}x in process; target >= 0.9x)")
+    print(
+        f"  gRPC       {report.ingest_grpc_tps:8.0f} tokens/s   ({report.ingest_ratio:.2f}x in process; target >= 0.9x)"
+    )
     print("\nGenerate, concurrent streams (greedy, server concurrency "
           f"{report.config['server_concurrency']}, {report.config['max_tokens']} tokens each):")  # fmt: skip
     print(f"  {'streams':>7} {'TTFT p50':>9} {'TTFT p99':>9} {'tokens/s':>9} {'errors':>6} {'wrong':>6}")
@@ -236,13 +238,19 @@ def print_table(report: Report) -> None:
         )
     if report.soak:
         s = report.soak
-        print(f"\nsoak: {s['streams']} streams for {s['seconds']:.0f} s: {s['requests']} requests, {s['tokens']} tokens, "
-              f"{s['errors']} errors, {s['wrong_streams']} streams with lost or wrong tokens")  # fmt: skip
+        print(
+            f"\nsoak: {s['streams']} streams for {s['seconds']:.0f} s: {s['requests']} requests, "
+            f"{s['tokens']} tokens, {s['errors']} errors, {s['wrong_streams']} streams with lost or wrong tokens"
+        )
     if report.ray:
         r = report.ray
-        print(f"\nRay, {r['shards']} shards vs one process (startup {r['startup_s']:.0f} s, same tokens: {r['same_tokens']}):")
+        print(
+            f"\nRay, {r['shards']} shards vs one process "
+            f"(startup {r['startup_s']:.0f} s, same tokens: {r['same_tokens']}):"
+        )
         for name in ("single", "ray"):
-            print(f"  {name:>6}: ingest {r[name]['ingest_tps']:7.0f} tokens/s, decode {r[name]['decode_tps']:6.1f} tokens/s")
+            ingest, decode = r[name]["ingest_tps"], r[name]["decode_tps"]
+            print(f"  {name:>6}: ingest {ingest:7.0f} tokens/s, decode {decode:6.1f} tokens/s")
 
 
 def plot(report: Report, path: Path) -> None:
