@@ -279,12 +279,13 @@ def plot(report: Report, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_append, ax_search, ax_ann) = plt.subplots(1, 3, figsize=(16, 4.5))
-    for name in dict.fromkeys(r.store for r in report.stores):
+    for number, name in enumerate(dict.fromkeys(r.store for r in report.stores)):
+        style = dict(marker="o", color=f"C{number}", label=name)  # one colour per store in every panel
         rows = [r for r in report.stores if r.store == name]
-        ax_search.plot([r.size for r in rows], [r.search_ms for r in rows], "o-", label=name)
+        ax_search.plot([r.size for r in rows], [r.search_ms for r in rows], **style)
         rows = [r for r in rows if r.append_vectors_per_s]
         if rows:
-            ax_append.plot([r.size for r in rows], [r.append_vectors_per_s for r in rows], "o-", label=name)
+            ax_append.plot([r.size for r in rows], [r.append_vectors_per_s for r in rows], **style)
     for ax, title, unit in [(ax_append, "append", "vectors / s"), (ax_search, "search", "ms per search")]:
         ax.set(xscale="log", yscale="log", xlabel="vectors in memory", ylabel=unit)
         ax.set_title(f"{title}" + (f" ({report.config.queries} queries, top {report.config.top_k})" if title == "search" else ""))
