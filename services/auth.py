@@ -51,4 +51,6 @@ def _rejecting(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHa
         (True, False): grpc.stream_unary_rpc_method_handler,
         (True, True): grpc.stream_stream_rpc_method_handler,
     }[(handler.request_streaming, handler.response_streaming)]
-    return kind(reject, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    return kind(
+        reject, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+    )

@@ -92,6 +92,10 @@ def _stats_view(stats) -> tuple:
     return ({layer: n for layer, n in stats.blocks_per_layer.items() if n}, stats.tokens, stats.bytes)
 
 
+ACTIONS = ["add", "add", "add", "search", "search", "evict", "state", "commit", "commit", "rollback", "stats", "delete"]
+ACTION_WEIGHTS = [0.16, 0.16, 0.16, 0.12, 0.12, 0.08, 0.04, 0.06, 0.04, 0.03, 0.02, 0.01]
+
+
 def check_against_faiss(store, reference_root, seed: int = 0, steps: int = 120) -> None:
     """Run the same random adds, evictions, states, commits, rollbacks and deletes on `store`
     and on a `FaissStore`, comparing every search, stats, state and memory list."""
@@ -102,10 +106,7 @@ def check_against_faiss(store, reference_root, seed: int = 0, steps: int = 120) 
     for step in range(steps):
         memory = str(rng.choice(["alpha", "beta"]))
         layer = int(rng.choice([0, 3]))
-        action = rng.choice(
-            ["add", "add", "add", "search", "search", "evict", "state", "commit", "commit", "rollback", "stats", "delete"],
-            p=[0.16, 0.16, 0.16, 0.12, 0.12, 0.08, 0.04, 0.06, 0.04, 0.03, 0.02, 0.01],
-        )
+        action = rng.choice(ACTIONS, p=ACTION_WEIGHTS)
         where = f"step {step}: {action} {memory} layer {layer}"
         if action == "add":
             blocks = random_blocks(data_rng, int(rng.integers(1, 6)), start=position)
@@ -127,7 +128,8 @@ def check_against_faiss(store, reference_root, seed: int = 0, steps: int = 120) 
             got = _outcome(lambda: store.evict_oldest(memory, layer, keep))
             assert got == _outcome(lambda: reference.evict_oldest(memory, layer, keep)), where
         elif action == "state":
-            state = {"tokens": data_rng.integers(0, 100, size=int(rng.integers(0, 5))), "step": np.array([step])}
+            tokens = data_rng.integers(0, 100, size=int(rng.integers(0, 5)))
+            state = {"tokens": tokens, "step": np.array(step)}  # a 0-d array too
             store.save_state(memory, state)
             reference.save_state(memory, state)
         elif action == "commit":
@@ -148,5 +150,5 @@ def check_against_faiss(store, reference_root, seed: int = 0, steps: int = 120) 
         else:
             assert sorted(got_state) == sorted(expected_state), where
             for name in expected_state:
-                np.testing.assert_array_equal(got_state[name], expected_state[name])
+                np.testing.assert_array_equal(got_state[name], expected_state[name], strict=True)  # shape, dtype
         assert store.memories() == reference.memories(), where

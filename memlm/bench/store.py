@@ -119,7 +119,9 @@ def append_all(store: VectorStore, vectors: np.ndarray, config: BenchConfig) -> 
     return len(vectors) / (time.perf_counter() - began)
 
 
-def timed_search(store: VectorStore, queries: np.ndarray, config: BenchConfig, repeats: int) -> tuple[float, np.ndarray]:
+def timed_search(
+    store: VectorStore, queries: np.ndarray, config: BenchConfig, repeats: int
+) -> tuple[float, np.ndarray]:
     """Median milliseconds of one search of all queries, and the ids found (Q, top_k)."""
     found = store.search("bench", 0, queries[None], config.top_k)  # warm-up: caches, lazy loads
     times = []
@@ -286,9 +288,10 @@ def plot(report: Report, path: Path) -> None:
         rows = [r for r in rows if r.append_vectors_per_s]
         if rows:
             ax_append.plot([r.size for r in rows], [r.append_vectors_per_s for r in rows], **style)
-    for ax, title, unit in [(ax_append, "append", "vectors / s"), (ax_search, "search", "ms per search")]:
+    search_title = f"search ({report.config.queries} queries, top {report.config.top_k})"
+    for ax, title, unit in [(ax_append, "append", "vectors / s"), (ax_search, search_title, "ms per search")]:
         ax.set(xscale="log", yscale="log", xlabel="vectors in memory", ylabel=unit)
-        ax.set_title(f"{title}" + (f" ({report.config.queries} queries, top {report.config.top_k})" if title == "search" else ""))
+        ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     for size in dict.fromkeys(a.size for a in report.ann):

@@ -227,8 +227,8 @@ class LanceStore(BufferedStore):
             if info is None or info.live <= skip_oldest:
                 return _empty_result(*queries.shape)
             if (queries.shape[0], queries.shape[2]) != (info.heads, info.head_dim):
-                expected = (info.heads, info.head_dim)
-                raise ValueError(f"layer {layer} holds (heads, head_dim) = {expected}, queries have {queries.shape[::2]}")
+                expected, got = (info.heads, info.head_dim), queries.shape[::2]
+                raise ValueError(f"layer {layer} holds (heads, head_dim) = {expected}, queries have {got}")
             if self._cached(memory, marker):
                 return self._cache.search(memory, layer, queries, top_k, skip_oldest=skip_oldest)
             return self._lance_search(memory, marker, layer, queries, top_k, skip_oldest)
@@ -324,7 +324,8 @@ class LanceStore(BufferedStore):
             .to_arrow()
         )
         if rows.num_rows != info.live * info.heads:
-            raise RuntimeError(f"{memory!r} layer {layer}: {rows.num_rows} rows on disk, marker says {info.live} blocks")
+            found = f"{rows.num_rows} rows on disk"
+            raise RuntimeError(f"{memory!r} layer {layer}: {found}, the marker says {info.live} blocks")
         rows = rows.sort_by([("block", "ascending"), ("head", "ascending")]).combine_chunks()
         n, h, b, d = info.live, info.heads, info.block_len, info.head_dim
         dtype = np.dtype(info.dtype).newbyteorder("<")

@@ -232,7 +232,8 @@ class RemoteStore(BufferedStore):
     def _compacted_requests(self, changes: Changes, transaction_id: bytes) -> Iterator[store_pb2.AppendRequest]:
         """A whole transaction from the local buffer: the blocks still live, then evictions
         and state."""
-        yield store_pb2.AppendRequest(header=store_pb2.AppendHeader(memory=changes.memory, transaction_id=transaction_id))
+        header = store_pb2.AppendHeader(memory=changes.memory, transaction_id=transaction_id)
+        yield store_pb2.AppendRequest(header=header)
         for layer, write in sorted(changes.layers.items()):
             if write.blocks is not None:
                 yield from _block_requests(layer, write.blocks, self.config.batch_bytes)

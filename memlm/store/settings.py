@@ -44,7 +44,6 @@ class StoreSettings:
         values = {}
         for setting in fields(cls):
             flag = flags.get(setting.name)
-            values[setting.name] = flag if flag is not None else os.environ.get(ENV_VARS[setting.name]) or from_file.get(
-                setting.name
-            )
+            from_env = os.environ.get(ENV_VARS[setting.name])
+            values[setting.name] = flag if flag is not None else from_env or from_file.get(setting.name)
         return cls(**values)

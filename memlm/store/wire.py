@@ -39,7 +39,8 @@ def check_layout(layout: store_pb2.LayerLayout) -> None:
             f"{layout.heads}, {layout.block_len}, {layout.head_dim}"
         )
     if layout.dtype not in KEY_DTYPES:
-        raise ValueError(f"layer {layout.layer}: key dtype {layout.dtype!r} is not accepted; use {' or '.join(KEY_DTYPES)}")
+        accepted = " or ".join(KEY_DTYPES)
+        raise ValueError(f"layer {layout.layer}: key dtype {layout.dtype!r} is not accepted; use {accepted}")
 
 
 def layout_of_batch(batch: store_pb2.BlockBatch) -> store_pb2.LayerLayout:
