@@ -274,12 +274,19 @@ class FaissStore:
                 expected = (len(stored.indexes), stored.keys.array.shape[-1])
                 raise ValueError(f"layer {layer} holds (heads, head_dim) = {expected}, queries have {(heads, dim)}")
             k = min(top_k, len(stored) - skip_oldest)
-            params = faiss.SearchParameters(sel=faiss.IDSelectorRange(skip_oldest, len(stored))) if skip_oldest else None
+            selector = faiss.IDSelectorRange(skip_oldest, len(stored)) if skip_oldest else None
             scores = np.empty((heads, num_queries, k), np.float32)
             ids = np.empty((heads, num_queries, k), np.int64)
             for head, index in enumerate(stored.indexes):
                 query = np.ascontiguousarray(queries[head], dtype=np.float32)
-                scores[head], ids[head] = index.search(query, k, params=params)
+                if selector is not None and USE_GPU:
+                    # GPU indexes ignore IDSelector (faiss#3114, #3924): brute force over the kept blocks.
+                    kept = np.ascontiguousarray(stored.search_keys.array[skip_oldest:, head])
+                    scores[head], ids[head] = faiss.knn(query, kept, k, metric=faiss.METRIC_INNER_PRODUCT)
+                    ids[head] += skip_oldest
+                else:
+                    params = faiss.SearchParameters(sel=selector) if selector is not None else None
+                    scores[head], ids[head] = index.search(query, k, params=params)
             head_index = np.arange(heads)[:, None, None]
             return SearchResult(
                 keys=stored.keys.array[ids, head_index],  # (H, Q, k, B, D)
