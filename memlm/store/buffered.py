@@ -3,8 +3,9 @@
 `RemoteStore` (committed blocks on a server) and `LanceStore` (in a Lance table) share one
 way of honouring the `VectorStore` transaction contract:
 
-- `add` puts blocks in a private in-RAM `FaissStore` (the *pending* store); nothing leaves
-  the process until `commit`.
+- `add` keeps blocks in RAM (a copy: callers may reuse their arrays); they go into a
+  private in-RAM `FaissStore` (the *pending* store) when something first reads them, so
+  a transaction nobody searches costs one copy. Nothing is durable before `commit`.
 - `search` searches the committed blocks and the pending ones and merges the two top-k
   lists by score: exactly the top-k of their union.
 - `evict_oldest` evicts from the committed blocks first (they are older) by *hiding* them:
@@ -44,6 +45,7 @@ class LayerChange:
 class Transaction:
     layers: dict[int, LayerChange] = field(default_factory=dict)
     state: dict[str, np.ndarray] | None = None  # None: not saved in this transaction
+    deferred: dict[int, list[Blocks]] = field(default_factory=dict)  # added, not yet in the pending store
 
 
 @dataclass
@@ -148,11 +150,25 @@ class BufferedStore(ABC):
         check_memory_name(memory)
         if blocks.num_blocks == 0:
             return
+        if not np.isfinite(blocks.search_keys).all():
+            raise ValueError("search keys contain NaN or Inf")
         with self._memory_lock(memory):
             self._check_blocks(memory, layer, blocks)
-            self._pending.add(memory, layer, blocks)
-            self._transactions.setdefault(memory, Transaction()).layers.setdefault(layer, LayerChange())
-            self._added(memory, layer, blocks)
+            txn = self._transactions.get(memory) or Transaction()
+            heads, _, block_len, dim = blocks.keys.shape
+            expected = self._pending_shape(memory, layer, txn)
+            if expected is not None and expected != (heads, block_len, dim):
+                raise ValueError(f"layer {layer} holds blocks of shape {expected}, got {(heads, block_len, dim)}")
+            copy = Blocks(
+                np.array(blocks.search_keys, np.float32),
+                np.array(blocks.keys),
+                np.array(blocks.values),
+                np.array(blocks.positions, np.int64),
+            )
+            txn.deferred.setdefault(layer, []).append(copy)
+            txn.layers.setdefault(layer, LayerChange())
+            self._transactions[memory] = txn
+            self._added(memory, layer, copy)
 
     def evict_oldest(self, memory: str, layer: int, keep_blocks: int) -> int:
         if keep_blocks < 0:
@@ -177,6 +193,7 @@ class BufferedStore(ABC):
             from_committed = min(drop, live_committed)
             change.hidden += from_committed
             if drop > from_committed:
+                self._materialize(memory, layer)
                 self._pending.evict_oldest(memory, layer, keep_blocks)
                 change.evicted_new += drop - from_committed
             txn = self._transactions.setdefault(memory, Transaction())
@@ -244,6 +261,7 @@ class BufferedStore(ABC):
                 committed, skip_pending = None, skip_oldest  # created by this transaction
             pending = None
             if self._pending_blocks(memory, layer) > skip_pending:
+                self._materialize(memory, layer)
                 pending = self._pending.search(memory, layer, queries, top_k, skip_oldest=skip_pending)
             merged = merge_results(committed, pending, top_k)
             return merged if merged is not None else _empty_result(*queries.shape)
@@ -271,7 +289,8 @@ class BufferedStore(ABC):
                 committed = self._committed_stats(memory)
             except MemoryNotFound:
                 committed = MemoryStats(memory)
-            pending = self._pending.stats(memory) if self._pending_blocks_any(memory) else MemoryStats(memory)
+            self._materialize(memory)
+            pending = self._pending.stats(memory) if memory in self._pending._memories else MemoryStats(memory)
             stats = MemoryStats(memory)
             hidden_total = 0
             for layer in sorted(set(committed.blocks_per_layer) | set(pending.blocks_per_layer)):
@@ -291,21 +310,53 @@ class BufferedStore(ABC):
             return stats
 
     # -- the pending store ------------------------------------------------------------------
+    # Read in place (same package): FaissStore keeps a layer block-major, (N, H, ...).
 
-    def _pending_blocks_any(self, memory: str) -> bool:
-        return memory in self._pending._memories
+    def _materialize(self, memory: str, layer: int | None = None) -> None:
+        """Move deferred blocks (of one layer, or all) into the pending store."""
+        txn = self._transactions.get(memory)
+        if txn is None:
+            return
+        for key in [layer] if layer is not None else list(txn.deferred):
+            for blocks in txn.deferred.pop(key, []):
+                self._pending.add(memory, key, blocks)
+
+    def _stored(self, memory: str, layer: int):
+        mem = self._pending._memories.get(memory)
+        return mem.layers.get(layer) if mem is not None else None
+
+    def _pending_shape(self, memory: str, layer: int, txn: Transaction) -> tuple[int, int, int] | None:
+        """(heads, block_len, head_dim) of the layer's uncommitted blocks, if any."""
+        stored = self._stored(memory, layer)
+        if stored is not None:
+            return stored.keys.array.shape[1:]
+        if not txn.deferred.get(layer):
+            return None
+        heads, _, block_len, dim = txn.deferred[layer][0].keys.shape
+        return heads, block_len, dim
 
     def _pending_blocks(self, memory: str, layer: int) -> int:
-        mem = self._pending._memories.get(memory)
-        stored = mem.layers.get(layer) if mem is not None else None
-        return len(stored) if stored is not None else 0
+        stored = self._stored(memory, layer)
+        txn = self._transactions.get(memory)
+        deferred = sum(b.num_blocks for b in txn.deferred.get(layer, [])) if txn else 0
+        return (len(stored) if stored is not None else 0) + deferred
 
     def _pending_layer(self, memory: str, layer: int) -> Blocks | None:
         """The live uncommitted blocks of a layer, oldest first, in `add`'s layout."""
-        if not self._pending_blocks(memory, layer):
+        txn = self._transactions[memory]
+        deferred = txn.deferred.get(layer, [])
+        if deferred and self._stored(memory, layer) is None:  # never read: join the adds, one copy
+            dtype = deferred[0].keys.dtype
+            return Blocks(
+                search_keys=np.concatenate([b.search_keys for b in deferred], axis=1),
+                keys=np.concatenate([b.keys.astype(dtype, copy=False) for b in deferred], axis=1),
+                values=np.concatenate([b.values.astype(dtype, copy=False) for b in deferred], axis=1),
+                positions=np.concatenate([b.positions for b in deferred]),
+            )
+        self._materialize(memory, layer)
+        stored = self._stored(memory, layer)
+        if stored is None or len(stored) == 0:
             return None
-        # Read the pending FaissStore's arrays in place (same package): block-major (N, H, ...).
-        stored = self._pending._memories[memory].layers[layer]
         return Blocks(
             search_keys=stored.search_keys.array.transpose(1, 0, 2),
             keys=stored.keys.array.transpose(1, 0, 2, 3),
