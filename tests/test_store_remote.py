@@ -123,3 +123,33 @@ def test_settings_precedence_flags_env_file(tmp_path, monkeypatch):
     config.write_text('[store]\nurl = "memory"\ntokn = "typo"\n')
     with pytest.raises(ValueError, match="tokn"):
         StoreSettings.resolve()
+
+
+@pytest.mark.parametrize("kind", ["remote", "lance"])
+def test_a_model_ingesting_with_fifo_eviction_reads_the_same_memory(tmp_path, kind, request):
+    """The engine's own use (search every segment, add, evict to a cap, save state, one
+    commit) gives the same memory and the same generation on every store."""
+    import torch
+    from conftest import tiny_lm
+
+    # One torch thread: OpenMP workers spinning against this process's gRPC threads on two
+    # cores make the forward passes 40 times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    settings = dict(segment_len=16, sink_len=4, local_len=16, block_len=4, top_k=2, max_memory_tokens=40)
+    document = torch.randint(0, 120, (300,), generator=torch.Generator().manual_seed(3)).tolist()
+    reference = tiny_lm(store=FaissStore(None), **settings)
+    reference.ingest_tokens(document, "doc", progress=False)
+    expected = reference.generate_full("what?", memory="doc", chat=False, max_new_tokens=8)
+    with running_server(tmp_path / "server") as server:
+        store = (
+            RemoteStore.from_url(f"grpc://127.0.0.1:{server.port}")
+            if kind == "remote"
+            else LanceStore(tmp_path / "lance")
+        )
+        lm = tiny_lm(store=store, **settings)
+        lm.ingest_tokens(document, "doc", progress=False)
+        assert store.stats("doc") == reference.store.stats("doc")
+        got = lm.generate_full("what?", memory="doc", chat=False, max_new_tokens=8)
+    assert got.text == expected.text
