@@ -120,12 +120,16 @@ def demo(
     model: ModelOpt = None,
     quick: Annotated[bool, typer.Option(help="A short document (tests, a first look).")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the generated handbook.")] = 0,
+    server: Annotated[
+        Optional[str], typer.Option(help="Use a running `memlm serve` at host:port (its model and backend).")
+    ] = None,
 ) -> None:
     """Document QA: ingest a long document, answer questions from memory, show where answers came from."""
     from memlm.demo import run_demo
 
     try:
-        run_demo(tokens=4_000 if quick else tokens, file=file, questions=question, backend=backend, model=model, seed=seed)
+        run_demo(tokens=tokens, file=file, questions=question, backend=backend, model=model, seed=seed, quick=quick,
+                 server=server)  # fmt: skip
     except (ValueError, KeyError, OSError) as error:
         _fail(str(error))
 
@@ -211,7 +215,7 @@ def bench_eval(
     lengths: Annotated[str, typer.Option(help="Comma-separated document lengths in tokens.")] = "4000,16000,32000",
     long: Annotated[bool, typer.Option("--long", help="Also run at 128,000 tokens.")] = False,
     window_length: Annotated[int, typer.Option(help="In-window reference length (whole document visible).")] = 2000,
-    trials: Annotated[int, typer.Option(help="Documents per task, length and configuration (several questions each).")] = 5,
+    trials: Annotated[int, typer.Option(help="Documents per task, length and config (several questions each).")] = 5,
     tasks: Annotated[str, typer.Option(help="Comma-separated: passkey,kv-lines,multi-needle,babilong,docqa.")] = "all",
     configs: Annotated[str, typer.Option(help="Comma-separated: plain,fot,knn,xl.")] = "all",
     model: ModelOpt = None,

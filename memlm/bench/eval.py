@@ -1,0 +1,341 @@
+"""`memlm bench eval`: the generated long-context tasks of `memlm/tasks.py`, each scored
+automatically, for the plain model (its input cut to its window) and each memory backend
+side by side, at several document lengths and once with the whole document inside the
+model's window.
+
+Memory cannot add abilities the model lacks (DESIGN.md), so next to absolute accuracy the
+report gives retention: accuracy at a length divided by the plain model's accuracy on the
+same task when the whole document sits inside its window. Accuracy comes with a 95% Wilson
+interval. One document carries several questions (facts at several depths) and is ingested
+once per backend; questions on one document are not independent, so read the intervals as
+a little too narrow. Prints a table and writes `<name>.json`, `<name>.png` (length x depth
+heat maps, as needle-in-a-haystack plots) and `<name>_accuracy.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from memlm.bench.passkey import plain_answer
+from memlm.config import BACKENDS, MemoryConfig
+from memlm.engine import MemoryLM
+from memlm.model.loading import load_model
+from memlm.store import FaissStore
+from memlm.tasks import Task, babilong, handbook, kv_lines, multi_needle, passkey
+
+CONFIGS: tuple[str, ...] = ("plain", *BACKENDS)  # "plain": the model alone, its input cut to its window
+LONG_LENGTH = 128_000
+DEPTH_BINS = 5
+
+
+@dataclass(frozen=True)
+class Family:
+    """One kind of generated document and the questions asked about it."""
+
+    build: Callable[[int, list[float], int], list[Task]]  # (tokens, depths, seed) -> tasks on one document
+    questions: int  # depths (facts) per document
+    kinds: tuple[str, ...]  # the task kinds its questions have
+
+
+FAMILIES: dict[str, Family] = {
+    "passkey": Family(lambda n, depths, seed: [passkey(n, depths[0], seed)], 1, ("passkey",)),
+    "kv-lines": Family(kv_lines, 4, ("kv-lines",)),
+    "multi-needle": Family(multi_needle, 4, ("multi-needle-one", "multi-needle-all")),
+    "babilong": Family(babilong, 4, ("babilong-1fact", "babilong-2fact")),
+    "docqa": Family(lambda n, depths, seed: handbook(n, seed, depths=depths)[1], 4, ("docqa",)),
+}
+
+
+@dataclass
+class Trial:
+    config: str
+    family: str
+    kind: str
+    length: int  # the requested length; `tokens` is what the tokenizer counted
+    tokens: int
+    depth: float
+    seed: int
+    question: str
+    answer: str
+    output: str
+    right: bool
+
+
+@dataclass
+class EvalConfig:
+    lengths: list[int] = field(default_factory=lambda: [4_000, 16_000, 32_000])
+    window_length: int = 2_000  # the in-window reference length (whole document visible)
+    trials: int = 5  # documents per task family, length and configuration
+    families: list[str] = field(default_factory=lambda: list(FAMILIES))
+    configs: list[str] = field(default_factory=lambda: list(CONFIGS))
+    model: str | None = None
+    seed: int = 0
+    out_dir: Path = Path("benchmarks/results")
+    name: str = "eval"
+
+    def validate(self) -> None:
+        for label, names, known in (("task", self.families, FAMILIES), ("configuration", self.configs, CONFIGS)):
+            unknown = sorted(set(names) - set(known))
+            if unknown:
+                raise ValueError(f"unknown {label} {unknown}; known: {', '.join(known)}")
+        if self.trials < 1:
+            raise ValueError(f"trials must be >= 1, got {self.trials}")
+        if any(n < 100 for n in [*self.lengths, self.window_length]):
+            raise ValueError("lengths must be at least 100 tokens")
+
+    @property
+    def all_lengths(self) -> list[int]:
+        return sorted({self.window_length, *self.lengths})
+
+
+def wilson(right: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion (sound at 0/n and n/n, unlike p ± z·se)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = right / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def document_seed(seed: int, family: str, length: int, document: int) -> int:
+    """The same documents for every configuration, different ones per family, length and index."""
+    return seed * 1_000_003 + zlib.crc32(f"{family}:{length}:{document}".encode())
+
+
+def document_depths(document: int, documents: int, questions: int) -> list[float]:
+    """Depths of one document's facts: all documents' facts together cover 0..1 evenly,
+    and each document spans the range."""
+    total = documents * questions
+    return [(j * documents + document + 0.5) / total for j in range(questions)]
+
+
+def prompt_text(lm: MemoryLM, task: Task) -> str:
+    """What follows the document: the task's raw prompt, or its question in the chat template
+    as text, so that the plain model and the memory backends read the same tokens."""
+    if task.prompt is not None:
+        return task.prompt
+    if lm.tokenizer.chat_template:
+        messages = [{"role": "user", "content": task.question}]
+        return lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return f"Question: {task.question}\nAnswer:"
+
+
+Document = tuple[str, int, int, list[Task]]  # (family, length, seed, the tasks on one document)
+
+
+def documents(config: EvalConfig) -> list[Document]:
+    """Every document of the run, with its questions."""
+    found = []
+    for family in config.families:
+        spec = FAMILIES[family]
+        for length in config.all_lengths:
+            for document in range(config.trials):
+                seed = document_seed(config.seed, family, length, document)
+                depths = document_depths(document, config.trials, spec.questions)
+                found.append((family, length, seed, spec.build(length, depths, seed)))
+    return found
+
+
+def run_config(name: str, lm: MemoryLM | None, base: MemoryLM, docs: Sequence[Document]) -> list[Trial]:
+    """Ask every question of every document; `lm` None is the plain model (`base`, cut to its window)."""
+    trials: list[Trial] = []
+    bar = tqdm(total=sum(len(tasks) for *_, tasks in docs), desc=f"eval {name}", unit="question")
+    for family, length, seed, tasks in docs:
+        document = tasks[0].document
+        tokens = len(base.tokenizer(document, add_special_tokens=False)["input_ids"])
+        if lm is not None:
+            lm.ingest(document, memory="eval", progress=False)
+        for task in tasks:
+            prompt = prompt_text(base, task)
+            if lm is None:
+                # plain_answer skips the model (None) when the answer is outside its window; for a
+                # question about several needles, the earliest one decides whether all are inside.
+                visible = min(task.answers, key=document.find) if task.answers else task.answer
+                output = plain_answer(base, document, prompt, visible, max_new_tokens=task.answer_tokens) or ""
+            else:
+                output = lm.generate(prompt, memory="eval", chat=False, max_new_tokens=task.answer_tokens)
+            trials.append(Trial(name, family, task.kind, length, tokens, task.depth, seed, task.question,
+                                task.answer, output, task.score(output)))  # fmt: skip
+            right = [t.right for t in trials if t.length == length]
+            bar.set_postfix(task=family, length=length, acc=f"{sum(right) / len(right):.2f}")
+            bar.update()
+        if lm is not None:
+            lm.forget("eval")
+    bar.close()
+    return trials
+
+
+def summarize(trials: list[Trial], config: EvalConfig) -> tuple[dict, dict]:
+    """accuracy[kind][config][length] = {right, n, accuracy, ci95}; retention[kind][config][length]
+    = accuracy / the plain model's in-window accuracy on that kind (None when that is 0)."""
+    kinds = [kind for family in config.families for kind in FAMILIES[family].kinds]
+    accuracy: dict = {}
+    retention: dict = {}
+    for kind in kinds:
+        accuracy[kind], retention[kind] = {}, {}
+        for name in config.configs:
+            accuracy[kind][name] = {}
+            for length in config.all_lengths:
+                hits = [t.right for t in trials if t.kind == kind and t.config == name and t.length == length]
+                right, n = sum(hits), len(hits)
+                accuracy[kind][name][str(length)] = {
+                    "right": right, "n": n, "accuracy": right / n if n else None, "ci95": list(wilson(right, n)),
+                }  # fmt: skip
+        reference = in_window_reference(accuracy[kind], config)
+        for name in config.configs:
+            retention[kind][name] = {
+                str(length): None if not reference or cell["accuracy"] is None else cell["accuracy"] / reference
+                for length, cell in ((n, accuracy[kind][name][str(n)]) for n in config.all_lengths)
+            }
+    return accuracy, retention
+
+
+def in_window_reference(by_config: dict, config: EvalConfig) -> float | None:
+    """What the model can do with the whole document visible: the plain model at the
+    in-window length (else the first configuration run, when plain was left out)."""
+    name = "plain" if "plain" in by_config else config.configs[0]
+    return by_config[name][str(config.window_length)]["accuracy"]
+
+
+def run(config: EvalConfig) -> dict:
+    config.validate()
+    hf_model, tokenizer = load_model(config.model, dtype=torch.bfloat16)
+    base = MemoryLM(hf_model, tokenizer, FaissStore(None), MemoryConfig())
+    if config.window_length + 256 > base.max_positions:
+        raise ValueError(f"window_length {config.window_length} does not fit the model's {base.max_positions} tokens")
+    docs = documents(config)
+    trials: list[Trial] = []
+    seconds: dict[str, float] = {}
+    for name in config.configs:
+        started = time.perf_counter()
+        settings = replace(MemoryConfig(), backend=name)
+        lm = None if name == "plain" else MemoryLM(hf_model, tokenizer, FaissStore(None), settings)
+        trials += run_config(name, lm, base, docs)
+        seconds[name] = time.perf_counter() - started
+    accuracy, retention = summarize(trials, config)
+    report = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
+        "model": config.model or "embedded SmolLM2-135M-Instruct",
+        "model_window": base.max_positions,
+        "dtype": "bfloat16",
+        "defaults": asdict(MemoryConfig()),
+        "lengths": config.all_lengths,
+        "window_length": config.window_length,
+        "documents_per_cell": config.trials,
+        "seed": config.seed,
+        "configs": config.configs,
+        "families": {name: {"questions_per_document": FAMILIES[name].questions, "kinds": FAMILIES[name].kinds}
+                     for name in config.families},  # fmt: skip
+        "retention_reference": f"plain at {config.window_length} tokens",
+        "accuracy": accuracy,
+        "retention": retention,
+        "seconds": seconds,
+        "trials": [asdict(t) for t in trials],
+    }
+    print_table(report)
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    stem = config.out_dir / config.name
+    Path(f"{stem}.json").write_text(json.dumps(report, indent=1))
+    plot_heatmaps(report, Path(f"{stem}.png"))
+    plot_accuracy(report, Path(f"{stem}_accuracy.png"))
+    print(f"wrote {stem}.json, {stem}.png and {stem}_accuracy.png")
+    return report
+
+
+def print_table(report: dict) -> None:
+    lengths = report["lengths"]
+    print(f"\naccuracy [95% Wilson interval] (n questions), retention = accuracy / {report['retention_reference']}")
+    header = "".join(f"{n:>24}" for n in lengths) + "".join(f"{'ret@' + str(n):>10}" for n in lengths)
+    print(f"{'task':<18}{'config':<7}{header}")
+    for kind, by_config in report["accuracy"].items():
+        for name, by_length in by_config.items():
+            cells = []
+            for n in lengths:
+                cell = by_length[str(n)]
+                acc = "  -" if cell["accuracy"] is None else f"{cell['accuracy']:.2f}"
+                cells.append(f"{acc} [{cell['ci95'][0]:.2f},{cell['ci95'][1]:.2f}] ({cell['n']:>3})")
+            kept = [report["retention"][kind][name][str(n)] for n in lengths]
+            print(f"{kind:<18}{name:<7}" + "".join(f"{c:>24}" for c in cells)
+                  + "".join(f"{'-' if r is None else f'{r:.2f}':>10}" for r in kept))  # fmt: skip
+
+
+def depth_grid(trials: list[dict], lengths: list[int]) -> list[list[float]]:
+    """Accuracy per (depth bin, length); NaN where no question fell."""
+    grid = []
+    for row in range(DEPTH_BINS):
+        cells = []
+        for length in lengths:
+            hits = [t["right"] for t in trials
+                    if t["length"] == length and min(DEPTH_BINS - 1, int(t["depth"] * DEPTH_BINS)) == row]  # fmt: skip
+            cells.append(sum(hits) / len(hits) if hits else float("nan"))
+        grid.append(cells)
+    return grid
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_heatmaps(report: dict, path: Path) -> None:
+    """One needle-in-a-haystack panel per task kind (rows) and configuration (columns):
+    document length across, depth of the fact down, colour = accuracy."""
+    plt = _pyplot()
+    kinds, configs, lengths = list(report["accuracy"]), report["configs"], report["lengths"]
+    figure, axes = plt.subplots(len(kinds), len(configs), figsize=(2.4 * len(configs) + 1, 1.8 * len(kinds) + 0.6),
+                                squeeze=False)  # fmt: skip
+    image = None
+    for row, kind in enumerate(kinds):
+        for column, name in enumerate(configs):
+            ax = axes[row][column]
+            trials = [t for t in report["trials"] if t["kind"] == kind and t["config"] == name]
+            image = ax.imshow(depth_grid(trials, lengths), cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+            ax.set_xticks(range(len(lengths)), [f"{n // 1000}k" if n >= 1000 else str(n) for n in lengths], fontsize=7)
+            ax.set_yticks(range(DEPTH_BINS), [f"{(i + 0.5) / DEPTH_BINS:.0%}" for i in range(DEPTH_BINS)], fontsize=7)
+            if row == 0:
+                ax.set_title(name, fontsize=9)
+            if column == 0:
+                ax.set_ylabel(f"{kind}\ndepth", fontsize=8)
+    figure.colorbar(image, ax=axes, shrink=0.6, label="accuracy")
+    figure.suptitle(f"{report['model']}: accuracy by document length and depth of the fact", fontsize=10)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_accuracy(report: dict, path: Path) -> None:
+    """Accuracy against length with Wilson intervals, one panel per task kind."""
+    plt = _pyplot()
+    kinds, lengths = list(report["accuracy"]), report["lengths"]
+    columns = min(4, len(kinds))
+    rows = math.ceil(len(kinds) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(3.4 * columns, 2.8 * rows), squeeze=False)
+    for ax, kind in zip([a for line in axes for a in line], kinds):
+        for name, by_length in report["accuracy"][kind].items():
+            cells = [by_length[str(n)] for n in lengths]
+            mean = [c["accuracy"] if c["accuracy"] is not None else float("nan") for c in cells]
+            low = [m - c["ci95"][0] if c["n"] else 0 for m, c in zip(mean, cells)]
+            high = [c["ci95"][1] - m if c["n"] else 0 for m, c in zip(mean, cells)]
+            ax.errorbar(lengths, mean, yerr=[low, high], marker="o", capsize=2, label=name)
+        ax.axvline(report["model_window"], color="grey", linestyle=":")
+        ax.set(xscale="log", title=kind, ylim=(-0.05, 1.05), xlabel="document tokens")
+    for ax in [a for line in axes for a in line][len(kinds) :]:
+        ax.set_visible(False)
+    axes[0][0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
