@@ -87,6 +87,9 @@ class Report:
     stores: list[StoreResult] = field(default_factory=list)
     ann: list[AnnResult] = field(default_factory=list)
     targets: dict = field(default_factory=dict)
+    # CPUs and load average (1, 5, 15 min) when the run began and ended: on a shared machine
+    # the absolute numbers move with the load, the ratios between stores much less.
+    machine: dict = field(default_factory=dict)
 
 
 # -- data and timing -------------------------------------------------------------------------------
@@ -238,11 +241,12 @@ def run(
     **options,
 ) -> Report:
     config = BenchConfig(sizes=tuple(sizes), dim=dim, top_k=top_k, out_dir=out_dir, **options)
-    report = Report(config)
+    report = Report(config, machine={"cpus": os.cpu_count(), "load_before": os.getloadavg()})
     with tqdm(total=4 * len(config.sizes), desc="store bench") as progress:
         for size in config.sizes:
             with tempfile.TemporaryDirectory(prefix="memlm-bench-") as folder:
                 bench_size(config, size, Path(folder), report, progress)
+    report.machine["load_after"] = os.getloadavg()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "store.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
