@@ -8,9 +8,12 @@ from typing import Annotated, Optional
 
 import typer
 
+from memlm.train.cli import train_app
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Language models with long-term, searchable memory.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: print a table, write JSON and a plot to benchmarks/results/.")
 app.add_typer(bench_app, name="bench")
+app.add_typer(train_app, name="train")
 
 ModelOpt = Annotated[Optional[str], typer.Option(help="Local checkpoint directory (default: embedded SmolLM2-135M).")]
 BackendOpt = Annotated[str, typer.Option(help="Memory backend: fot or knn.")]

@@ -84,15 +84,22 @@ class MemoryLM:
         config: MemoryConfig | None = None,
         dtype: str = "bfloat16",
         device: str = "cpu",
+        adapter: str | Path | None = None,
         **settings,
     ) -> MemoryLM:
-        """`model` None: the embedded model. `store` None: FAISS under $MEMLM_HOME. Extra
-        keyword arguments override `MemoryConfig` fields (top_k=16, segment_len=512, ...)."""
+        """`model` None: the embedded model. `store` None: FAISS under $MEMLM_HOME. `adapter`:
+        a trained adapter file (`memlm train ...`). Extra keyword arguments override
+        `MemoryConfig` fields (top_k=16, segment_len=512, ...)."""
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         config = replace(config or MemoryConfig(), backend=backend, **settings)
         hf_model, tokenizer = load_model(model, dtype=DTYPES[dtype], device=device)
-        return cls(hf_model, tokenizer, open_store(store), config)
+        lm = cls(hf_model, tokenizer, open_store(store), config)
+        if adapter is not None:
+            from memlm.train.adapter import load_adapter
+
+            load_adapter(lm, adapter)
+        return lm
 
     # -- memories -------------------------------------------------------------------------
 

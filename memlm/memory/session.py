@@ -160,7 +160,7 @@ class MemorySession:
         chunk = self.config.query_chunk
         # Score blocks as if every memory key sat at the memory position: undo that much rotation.
         search = rotate(chunk_query_sums(queries, chunk), torch.tensor(-self.memory_position), self.shape.inv_freq)
-        found = self.store.search(self.memory, layer, search.cpu().numpy(), self.config.top_k)
+        found = self.store.search(self.memory, layer, search.detach().cpu().numpy(), self.config.top_k)
         if found.k == 0:
             return None
         self.retrieved[layer] = Retrieval(found.positions, found.scores)

@@ -1,0 +1,105 @@
+"""`memlm train ...`: fit memory layers and write an adapter file (memlm/train/adapter.py)."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from memlm.train.loop import TrainConfig
+
+train_app = typer.Typer(no_args_is_help=True, help="Train memory layers; writes a small adapter file.")
+
+StepsOpt = Annotated[int, typer.Option(help="Optimizer steps.")]
+SeedOpt = Annotated[int, typer.Option(help="Seed of data and initialisation.")]
+CheckpointOpt = Annotated[Optional[str], typer.Option(help="Training-state file: resumed from when it exists.")]
+ModelOpt = Annotated[Optional[str], typer.Option(help="Local checkpoint directory (default: embedded model).")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu or cuda.")]
+
+
+def _dtype(device: str) -> str:
+    """bf16 where the hardware has it (CUDA with bf16, CPUs with AVX-512 BF16), else fp32."""
+    import torch
+
+    if device.startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    return "bfloat16" if "avx512_bf16" in Path("/proc/cpuinfo").read_text() else "float32"
+
+
+def _provenance(seed: int, result) -> dict:
+    return {"command": shlex.join(["memlm", *sys.argv[1:]]), "seed": seed, "losses": result.losses,
+            "tokens": result.tokens, "seconds": result.seconds}
+
+
+@train_app.command("gate")
+def gate(
+    out: Annotated[Path, typer.Option(help="Adapter file to write.")] = Path("adapters/knn-gates.safetensors"),
+    steps: StepsOpt = 40,
+    length: Annotated[int, typer.Option(help="Tokens per generated training document.")] = 3000,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 0.05,
+    accumulation: Annotated[int, typer.Option(help="Examples per step.")] = 2,
+    seed: SeedOpt = 0,
+    checkpoint: CheckpointOpt = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Fit the knn backend's per-head gates with the base model frozen. Half of the examples
+    need memory (the key is deep in the document) and half do not (it is in the window)."""
+    from memlm.engine import MemoryLM
+    from memlm.train.adapter import save_adapter
+    from memlm.train.loop import train
+    from memlm.train.methods import freeze_all_but, gate_loss
+
+    lm = MemoryLM.load(model=model, backend="knn", store="memory", dtype=_dtype(device), device=device)
+    gates = {"gate_bias": lm.backend.gate_bias}
+    freeze_all_but(lm, gates)
+    with_memory, without = gate_loss(lm, length, True, seed), gate_loss(lm, length, False, seed)
+    loss_fn = lambda index: (with_memory if index % 2 == 0 else without)(index)  # noqa: E731
+    config = TrainConfig(steps=steps, lr=lr, accumulation=accumulation, seed=seed, checkpoint=checkpoint)
+    result = train(loss_fn, gates, config)
+    typer.echo(f"wrote {save_adapter(lm, out, 'knn-gates', _provenance(seed, result))}")
+
+
+@train_app.command("fot")
+def fot(
+    out: Annotated[Path, typer.Option(help="Adapter file to write.")] = Path("adapters/fot-lora.safetensors"),
+    data: Annotated[Optional[Path], typer.Option(help="Directory of .txt/.md files (default: generated handbooks).")] = None,
+    steps: StepsOpt = 100,
+    context_len: Annotated[int, typer.Option(help="Tokens of previous context that go to memory.")] = 2048,
+    target_len: Annotated[int, typer.Option(help="Tokens predicted after the context.")] = 512,
+    max_docs: Annotated[int, typer.Option(help="Documents per crossbatch at the end of the schedule (d).")] = 4,
+    rank: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 2e-4,
+    accumulation: Annotated[int, typer.Option(help="Examples per step.")] = 1,
+    seed: SeedOpt = 0,
+    checkpoint: CheckpointOpt = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Focused Transformer crossbatch training of LoRA adapters on the memory layers."""
+    import itertools
+
+    from memlm.engine import MemoryLM
+    from memlm.train.adapter import add_lora, save_adapter
+    from memlm.train.data import generated_document, packed_documents
+    from memlm.train.loop import train
+    from memlm.train.methods import crossbatch_loss, freeze_all_but
+
+    lm = MemoryLM.load(model=model, backend="fot", store="memory", dtype=_dtype(device), device=device)
+    length = context_len + target_len
+    if data is None:
+        document = lambda index: generated_document(lm.tokenizer, length, index)  # noqa: E731
+    else:
+        cached = list(itertools.islice(packed_documents(data, lm.tokenizer, length), steps * accumulation * max_docs))
+        if not cached:
+            raise typer.BadParameter(f"no document of {length} tokens in {data}")
+        document = lambda index: cached[index % len(cached)]  # noqa: E731
+    params = add_lora(lm, rank=rank, alpha=2.0 * rank)
+    freeze_all_but(lm, params)
+    loss_fn = crossbatch_loss(lm, document, context_len, steps * accumulation, max_docs)
+    config = TrainConfig(steps=steps, lr=lr, accumulation=accumulation, seed=seed, checkpoint=checkpoint)
+    result = train(loss_fn, params, config)
+    typer.echo(f"wrote {save_adapter(lm, out, 'fot-lora', _provenance(seed, result))}")

@@ -1,0 +1,136 @@
+"""Training objectives for memory layers, on the same attention code as inference: a memory
+is ingested (no gradient: memory keys are constants, as in Memorizing Transformers), then a
+read-only `MemorySession` runs the tokens to learn from with gradients on.
+
+- `gate_loss`: Memorizing-Transformer gates (knn backend), base model frozen: the loss of
+  the answer to a generated task after its document was ingested.
+- `crossbatch_loss`: Focused Transformer crossbatch. In the memory layers each document
+  attends, in one softmax with its local keys, to its own previous context (positives) and
+  to the previous contexts of d-1 other documents of the batch (negatives).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from memlm.engine import MemoryLM
+from memlm.memory.session import MemorySession
+from memlm.store.base import SearchResult, VectorStore
+from memlm.tasks import passkey
+from memlm.train.data import TRAIN_SEED_BASE
+
+# Every training example's retrieval takes the whole memory (FoT trains without kNN).
+RETRIEVE_ALL = 1_000_000
+
+
+class UnionStore:
+    """Searches several memories as one: the crossbatch memory of a document is its own
+    previous context plus the other documents'. Read-only."""
+
+    def __init__(self, store: VectorStore, memories: list[str]):
+        self.store, self.memories = store, memories
+
+    def search(self, memory: str, layer: int, queries: np.ndarray, top_k: int) -> SearchResult:
+        parts = [self.store.search(name, layer, queries, top_k) for name in self.memories]
+        parts = [p for p in parts if p.k > 0]
+        if not parts:
+            return self.store.search(self.memories[0], layer, queries, top_k)
+        scores = np.concatenate([p.scores for p in parts], axis=2)  # (H, Q, sum k)
+        best = np.argsort(-scores, axis=2, kind="stable")[:, :, :top_k]
+        pick = lambda name: np.take_along_axis(  # noqa: E731
+            np.concatenate([getattr(p, name) for p in parts], axis=2),
+            best.reshape(*best.shape, *([1] * (getattr(parts[0], name).ndim - 3))),
+            axis=2,
+        )
+        return SearchResult(keys=pick("keys"), values=pick("values"), positions=pick("positions"), scores=pick("scores"))
+
+
+def forward_with_grad(lm: MemoryLM, session: MemorySession, token_ids: list[int]) -> torch.Tensor:
+    """Logits (T, vocab) of tokens run through a session with autograd on."""
+    device = lm.model.device
+    positions = session.positions_for(len(token_ids)).unsqueeze(0).to(device)
+    out = lm.model(input_ids=torch.tensor([token_ids], device=device), position_ids=positions, memory_session=session)
+    session.advance(token_ids)
+    return out.logits[0].float()
+
+
+def reading_session(lm: MemoryLM, memory: str, read_from: list[str] | None = None) -> MemorySession:
+    """A read-only session over `memory`'s window that retrieves everything from `read_from`."""
+    session = lm._open_session(memory, writes=False)
+    session.config = replace(session.config, top_k=RETRIEVE_ALL)
+    if read_from is not None:
+        session.store = UnionStore(lm.store, read_from)
+    return session
+
+
+def gate_loss(lm: MemoryLM, length: int, needs_memory: bool, seed: int) -> Callable[[int], tuple[torch.Tensor, int]]:
+    """Passkey examples; `needs_memory` puts the key deep in the document (only memory has
+    it), otherwise at its very end (in the local window, memory holds filler only)."""
+
+    def loss(index: int) -> tuple[torch.Tensor, int]:
+        rng = random.Random(seed * 7919 + index)
+        depth = rng.uniform(0.05, 0.5) if needs_memory else 1.0
+        task = passkey(length, depth=depth, seed=TRAIN_SEED_BASE + seed * 100_003 + index)
+        lm.ingest(task.document, memory="train-gate", progress=False)
+        try:
+            session = lm._open_session("train-gate", writes=False)
+            prompt = lm.prompt_ids(task.prompt, chat=False)
+            answer = lm.tokenizer(" " + task.answer, add_special_tokens=False)["input_ids"]
+            logits = forward_with_grad(lm, session, prompt + answer)
+            loss = F.cross_entropy(logits[len(prompt) - 1 : -1], torch.tensor(answer, device=logits.device))
+        finally:
+            lm.forget("train-gate")
+        return loss, len(prompt) + len(answer)
+
+    return loss
+
+
+def crossbatch_size(index: int, total: int, max_docs: int) -> int:
+    """d grows from 1 (positives only) to max_docs over the run, in equal stages."""
+    stage = index * max_docs // max(1, total)
+    return min(max_docs, 1 + stage)
+
+
+def crossbatch_loss(
+    lm: MemoryLM,
+    document: Callable[[int], list[int]],
+    context_len: int,
+    total_examples: int,
+    max_docs: int,
+) -> Callable[[int], tuple[torch.Tensor, int]]:
+    """Example `index`: d documents; each one's first `context_len` tokens are ingested into
+    its own memory, then its remaining tokens are predicted reading the union of all d."""
+
+    def loss(index: int) -> tuple[torch.Tensor, int]:
+        docs = [document(index * 1000 + j) for j in range(crossbatch_size(index, total_examples, max_docs))]
+        names = [f"crossbatch-{j}" for j in range(len(docs))]
+        try:
+            for name, doc in zip(names, docs):
+                lm.ingest_tokens(doc[:context_len], name, progress=False)
+            total, tokens = 0.0, 0
+            for j, doc in enumerate(docs):
+                session = reading_session(lm, names[j], read_from=[names[j], *names[:j], *names[j + 1 :]])
+                target = doc[context_len:]
+                logits = forward_with_grad(lm, session, target)
+                total = total + F.cross_entropy(logits[:-1], torch.tensor(target[1:], device=logits.device))
+                tokens += len(target)
+        finally:
+            for name in names:
+                if name in lm.store.memories():
+                    lm.forget(name)
+        return total / len(docs), tokens
+
+    return loss
+
+
+def freeze_all_but(lm: MemoryLM, trainable: dict[str, torch.nn.Parameter]) -> None:
+    for p in lm.model.parameters():
+        p.requires_grad_(False)
+    for p in trainable.values():
+        p.requires_grad_(True)
