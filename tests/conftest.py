@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2
 
 from memlm.config import MemoryConfig  # noqa: E402
 from memlm.engine import MemoryLM  # noqa: E402
-from memlm.model.loading import memlm_home  # noqa: E402
+from memlm.store.settings import memlm_home  # noqa: E402
 from memlm.store import FaissStore  # noqa: E402
 
 TINY = dict(

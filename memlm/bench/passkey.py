@@ -162,12 +162,20 @@ def run(
     hf_model, tokenizer = load_model(model, dtype=torch.bfloat16)
     base = MemoryLM(hf_model, tokenizer, FaissStore(None), MemoryConfig())
     results = []
+    speed = throughput(base, throughput_length) if throughput_length else {}
     for config in names:
         settings = CONFIGS[config]
         lm = None if settings is None else MemoryLM(hf_model, tokenizer, FaissStore(None), replace(MemoryConfig(), **settings))
         results.append(run_trials(lm, base, config, lengths, trials))
-    speed = throughput(base, throughput_length)
-    report = {
+        save(report_of(results, speed, lengths, trials, model), out_dir, name)  # partial results survive a stop
+    report = report_of(results, speed, lengths, trials, model)
+    print_table(report)
+    save(report, out_dir, name)
+    return report
+
+
+def report_of(results: list[ConfigResult], speed: dict, lengths: list[int], trials: int, model: str | None) -> dict:
+    return {
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
         "model": model or "embedded SmolLM2-135M-Instruct",
         "dtype": "bfloat16",
@@ -178,12 +186,13 @@ def run(
         "throughput": speed,
         "trials": {r.name: [asdict(t) for t in r.trials] for r in results},
     }
-    print_table(report)
+
+
+def save(report: dict, out_dir: Path, name: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.json").write_text(json.dumps(report, indent=1))
     plot(report, out_dir / f"{name}.png")
     print(f"wrote {out_dir / name}.json and {out_dir / name}.png")
-    return report
 
 
 def print_table(report: dict) -> None:
@@ -193,6 +202,8 @@ def print_table(report: dict) -> None:
     for name, by_length in report["accuracy"].items():
         print(f"{name:<12}" + "".join(f"{by_length[str(n)]:>9.2f}" for n in lengths))
     s = report["throughput"]
+    if not s:
+        return
     print(
         f"\ningest {s['ingest_tokens_per_s']:.0f} tok/s vs plain forward {s['plain_tokens_per_s']:.0f} tok/s "
         f"(ratio {s['ingest_ratio']:.2f}); decode {s['decode_ms_full_memory']:.1f} ms/token with "
@@ -213,7 +224,7 @@ def plot(report: dict, path: Path) -> None:
     accuracy.axvline(8192, color="grey", linestyle=":", label="model window")
     accuracy.set(xscale="log", xlabel="document tokens", ylabel="passkey accuracy", ylim=(-0.05, 1.05))
     accuracy.legend(fontsize=8)
-    s = report["throughput"]
+    s = report["throughput"] or {"ingest_ratio": 0.0, "decode_ratio": 0.0, "length": 0}
     speed.bar(["ingest / plain forward", "decode full / empty"], [s["ingest_ratio"], s["decode_ratio"]])
     speed.axhline(1.0, color="grey", linestyle=":")
     speed.set(title=f"ratios at {s['length']} tokens", ylabel="ratio")

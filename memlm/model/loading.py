@@ -21,6 +21,8 @@ import torch  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+from memlm.store.settings import memlm_home  # noqa: E402
+
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -28,10 +30,6 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 class ModelLoadError(ValueError):
     """The model could not be loaded; the message says what to do."""
-
-
-def memlm_home() -> Path:
-    return Path(os.environ.get("MEMLM_HOME", Path.home() / ".memlm"))
 
 
 def embedded_gguf_path() -> Path:
