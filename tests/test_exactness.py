@@ -107,3 +107,20 @@ def test_xl_forgets_beyond_mem_len() -> None:
     got = lm.ingest_tokens(ids[0].tolist(), "doc", progress=False, return_logits=True).logits
     torch.testing.assert_close(got[:48], expected[:48])  # everything still inside mem_len + segment
     assert not torch.allclose(got[-50:], expected[-50:], atol=1e-4)
+
+
+def test_xl_cache_carries_no_gradient() -> None:
+    """Segment 2's loss reaches the weights through segment 2 alone: the cache of segment 1
+    is a constant (stop-gradient), so its values get no gradient and are leaves."""
+    from memlm.memory.session import MemorySession
+
+    lm = tiny_lm(backend="xl", segment_len=16, local_len=64)
+    session = MemorySession(lm.shape, lm.config, lm.backend, lm.store, "doc", writes=True)
+    for start in (0, 16):
+        segment = list(range(start + 1, start + 17))
+        positions = session.positions_for(16).unsqueeze(0)
+        logits = lm.model(input_ids=torch.tensor([segment]), position_ids=positions, memory_session=session).logits
+        session.advance(segment)
+    assert all(not w.keys.requires_grad and not w.values.requires_grad for w in session.windows)
+    logits.sum().backward()
+    assert lm.model.model.embed_tokens.weight.grad is not None

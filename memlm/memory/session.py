@@ -189,9 +189,10 @@ class MemorySession:
         new_positions = torch.arange(self.next_position, self.next_position + num_new)
         self.positions = torch.cat([self.positions, new_positions])
         for window in self.windows:
-            unrotated = rotate(window.new_keys, -self._new_positions, self.shape.inv_freq)
+            # Stop-gradient, as Transformer-XL caches: later segments read the window as constants.
+            unrotated = rotate(window.new_keys.detach(), -self._new_positions, self.shape.inv_freq)
             window.keys = torch.cat([window.keys, unrotated], dim=1)
-            window.values = torch.cat([window.values, window.new_values], dim=1)
+            window.values = torch.cat([window.values, window.new_values.detach()], dim=1)
             window.cache_keys = window.cache_values = window.new_keys = window.new_values = None
         self.next_position += num_new
         self.token_ids.extend(token_ids)
