@@ -24,7 +24,6 @@ from memlm.tasks import Task, handbook
 
 QUICK_TOKENS = 2_000  # --quick: a handbook the embedded model reads in seconds
 QUICK_FACTS = 4
-TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst", ".text", "")
 
 
 @dataclass
@@ -194,8 +193,8 @@ class RemoteReader:
 
 
 def _chunks(text: str, size: int) -> Iterator[str]:
-    """Pieces of about `size` characters, each cut just before whitespace, so that a word is
-    never split and the pieces tokenize as the whole text does."""
+    """Pieces of about `size` characters, each cut just before whitespace, so that no word is
+    split across two ingests (and the pieces tokenize as the whole text does, nearly)."""
     start = 0
     while start < len(text):
         end = min(len(text), start + size)

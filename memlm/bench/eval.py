@@ -69,6 +69,9 @@ class Trial:
     answer: str
     output: str
     right: bool
+    # Plain model only: whether the answer lay in the part of the document that fits its
+    # window (when not, it was not run: it cannot know the answer). None for the backends.
+    visible: bool | None = None
 
 
 @dataclass
@@ -161,14 +164,16 @@ def run_config(name: str, lm: MemoryLM | None, base: MemoryLM, docs: Sequence[Do
             if lm is None:
                 # plain_answer skips the model (None) when the answer is outside its window; for a
                 # question about several needles, the earliest one decides whether all are inside.
-                visible = min(task.answers, key=document.find) if task.answers else task.answer
-                output = plain_answer(base, document, prompt, visible, max_new_tokens=task.answer_tokens) or ""
+                earliest = min(task.answers, key=document.find) if task.answers else task.answer
+                answered = plain_answer(base, document, prompt, earliest, max_new_tokens=task.answer_tokens)
+                output, visible = answered or "", answered is not None
             else:
                 output = lm.generate(prompt, memory="eval", chat=False, max_new_tokens=task.answer_tokens)
+                visible = None
             trials.append(Trial(name, family, task.kind, length, tokens, task.depth, seed, task.question,
-                                task.answer, output, task.score(output)))  # fmt: skip
+                                task.answer, output, task.score(output), visible))  # fmt: skip
             right = [t.right for t in trials if t.length == length]
-            bar.set_postfix(task=family, length=length, acc=f"{sum(right) / len(right):.2f}")
+            bar.set_postfix(task=family, length=str(length), acc=f"{sum(right) / len(right):.2f}")
             bar.update()
         if lm is not None:
             lm.forget("eval")
@@ -292,50 +297,59 @@ def _pyplot():
     return plt
 
 
+def _length_label(n: int) -> str:
+    return f"{n / 1000:g}k" if n >= 1000 else str(n)
+
+
 def plot_heatmaps(report: dict, path: Path) -> None:
     """One needle-in-a-haystack panel per task kind (rows) and configuration (columns):
-    document length across, depth of the fact down, colour = accuracy."""
+    document length across, depth of the fact down, colour = accuracy, blank = no question."""
     plt = _pyplot()
     kinds, configs, lengths = list(report["accuracy"]), report["configs"], report["lengths"]
-    figure, axes = plt.subplots(len(kinds), len(configs), figsize=(2.4 * len(configs) + 1, 1.8 * len(kinds) + 0.6),
-                                squeeze=False)  # fmt: skip
+    size = (2.0 * len(configs) + 1.2, 1.5 * len(kinds) + 0.8)
+    figure, axes = plt.subplots(len(kinds), len(configs), figsize=size, squeeze=False, sharex=True, sharey=True,
+                                layout="constrained")  # fmt: skip
     image = None
     for row, kind in enumerate(kinds):
         for column, name in enumerate(configs):
             ax = axes[row][column]
             trials = [t for t in report["trials"] if t["kind"] == kind and t["config"] == name]
             image = ax.imshow(depth_grid(trials, lengths), cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
-            ax.set_xticks(range(len(lengths)), [f"{n // 1000}k" if n >= 1000 else str(n) for n in lengths], fontsize=7)
+            ax.set_xticks(range(len(lengths)), [_length_label(n) for n in lengths], fontsize=7)
             ax.set_yticks(range(DEPTH_BINS), [f"{(i + 0.5) / DEPTH_BINS:.0%}" for i in range(DEPTH_BINS)], fontsize=7)
             if row == 0:
                 ax.set_title(name, fontsize=9)
             if column == 0:
                 ax.set_ylabel(f"{kind}\ndepth", fontsize=8)
-    figure.colorbar(image, ax=axes, shrink=0.6, label="accuracy")
+    figure.colorbar(image, ax=axes, shrink=0.5, label="accuracy")
     figure.suptitle(f"{report['model']}: accuracy by document length and depth of the fact", fontsize=10)
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
 
 def plot_accuracy(report: dict, path: Path) -> None:
-    """Accuracy against length with Wilson intervals, one panel per task kind."""
+    """Accuracy against length with Wilson intervals, one panel per task kind; the
+    configurations sit side by side at each length so that their intervals do not overlap."""
     plt = _pyplot()
-    kinds, lengths = list(report["accuracy"]), report["lengths"]
+    kinds, lengths, configs = list(report["accuracy"]), report["lengths"], report["configs"]
     columns = min(4, len(kinds))
     rows = math.ceil(len(kinds) / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(3.4 * columns, 2.8 * rows), squeeze=False)
-    for ax, kind in zip([a for line in axes for a in line], kinds):
-        for name, by_length in report["accuracy"][kind].items():
-            cells = [by_length[str(n)] for n in lengths]
+    figure, axes = plt.subplots(rows, columns, figsize=(3.4 * columns, 2.6 * rows), squeeze=False, layout="constrained")
+    panels = [ax for line in axes for ax in line]
+    for ax, kind in zip(panels, kinds):
+        for offset, name in enumerate(configs):
+            cells = [report["accuracy"][kind][name][str(n)] for n in lengths]
             mean = [c["accuracy"] if c["accuracy"] is not None else float("nan") for c in cells]
             low = [m - c["ci95"][0] if c["n"] else 0 for m, c in zip(mean, cells)]
             high = [c["ci95"][1] - m if c["n"] else 0 for m, c in zip(mean, cells)]
-            ax.errorbar(lengths, mean, yerr=[low, high], marker="o", capsize=2, label=name)
-        ax.axvline(report["model_window"], color="grey", linestyle=":")
-        ax.set(xscale="log", title=kind, ylim=(-0.05, 1.05), xlabel="document tokens")
-    for ax in [a for line in axes for a in line][len(kinds) :]:
+            x = [i + (offset - (len(configs) - 1) / 2) * 0.12 for i in range(len(lengths))]
+            ax.errorbar(x, mean, yerr=[low, high], marker="o", capsize=2, label=name)
+        ax.set_xticks(range(len(lengths)), [_length_label(n) for n in lengths])
+        ax.set(title=kind, ylim=(-0.05, 1.05), xlabel="document tokens", ylabel="accuracy")
+    for ax in panels[len(kinds) :]:
         ax.set_visible(False)
-    axes[0][0].legend(fontsize=7)
-    figure.tight_layout()
+    panels[0].legend(fontsize=7)
+    figure.suptitle(f"{report['model']}: accuracy with 95% Wilson intervals (model window "
+                    f"{report['model_window']} tokens)", fontsize=10)  # fmt: skip
     figure.savefig(path, dpi=110)
     plt.close(figure)
