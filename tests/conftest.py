@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -78,3 +80,17 @@ def embedded_lm():
     """The embedded model with default settings, a RAM store and float32 weights (for
     exactness), loaded once per run (converted from GGUF into MODEL_CACHE the first time)."""
     return MemoryLM.load(store=FaissStore(None), dtype="float32")
+
+
+@pytest.fixture
+def self_signed_cert(tmp_path):
+    """(certificate, key) PEM files for localhost and 127.0.0.1, valid for a day."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key

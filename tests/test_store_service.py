@@ -259,15 +259,8 @@ def test_bearer_token(tmp_path):
         assert store.memories() == ["m"]
 
 
-def test_tls(tmp_path):
-    if subprocess.run(["which", "openssl"], capture_output=True).returncode:
-        pytest.skip("openssl not installed")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
+def test_tls(tmp_path, self_signed_cert):
+    cert, key = self_signed_cert
     with running_server(tmp_path / "data", tls_cert=str(cert), tls_key=str(key)) as server:
         store = RemoteStore.from_url(f"grpcs://127.0.0.1:{server.port}", tls_ca=str(cert))
         store.add("m", 0, random_blocks(np.random.default_rng(0), 2))
