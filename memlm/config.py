@@ -6,9 +6,9 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-Backend = Literal["fot", "knn", "xl"]
+Backend = Literal["fot", "knn", "xl", "rmt"]
 PositionMode = Literal["window", "zero", "exact"]
-BACKENDS: tuple[str, ...] = ("fot", "knn", "xl")
+BACKENDS: tuple[str, ...] = ("fot", "knn", "xl", "rmt")
 POSITION_MODES: tuple[str, ...] = ("window", "zero", "exact")
 
 
@@ -42,6 +42,8 @@ class MemoryConfig:
     gate_init: float = 0.0
     # Storage precision of memory keys and values.
     memory_dtype: Literal["float16", "float32"] = "float16"
+    # Memory vectors the rmt backend carries from segment to segment (read and written).
+    num_mem_tokens: int = 16
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -50,6 +52,10 @@ class MemoryConfig:
             # and values of the previous local_len tokens (its mem_len), positions continuing;
             # nothing is written to, or read from, the vector store.
             self.memory_layers, self.sink_len = [], 0
+        elif self.backend == "rmt":
+            # RMT segments see nothing of the past but the memory tokens: no local window,
+            # no vector store.
+            self.memory_layers, self.sink_len, self.local_len = [], 0, 0
 
     @property
     def mem_len(self) -> int:
@@ -62,16 +68,18 @@ class MemoryConfig:
             raise ValueError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
         if self.position_mode not in POSITION_MODES:
             raise ValueError(f"unknown position_mode {self.position_mode!r}; choose one of {', '.join(POSITION_MODES)}")
-        for name in ("segment_len", "top_k", "block_len", "query_chunk", "max_memory_tokens"):
+        for name in ("segment_len", "top_k", "block_len", "query_chunk", "max_memory_tokens", "num_mem_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.sink_len < 0 or self.local_len < 0:
             raise ValueError("sink_len and local_len must be >= 0")
         window = self.sink_len + 1 + self.local_len + self.block_len + self.segment_len
+        if self.backend == "rmt":
+            window = self.segment_len + 2 * self.num_mem_tokens
         if self.position_mode != "exact" and window > max_positions:
             raise ValueError(
-                f"sink_len + local_len + block_len + segment_len = {window} exceeds the model's context of "
-                f"{max_positions} tokens; lower segment_len or local_len"
+                f"a segment with its local window or memory tokens spans {window} positions, more than the "
+                f"model's context of {max_positions}; lower segment_len or local_len"
             )
         for layer in self.layer_indices(num_layers):
             if not 0 <= layer < num_layers:
@@ -82,7 +90,10 @@ class MemoryConfig:
 
     def storage_key(self) -> dict:
         """Settings a stored memory depends on: reading it with others would be wrong."""
-        return {"block_len": self.block_len, "memory_layers": self.memory_layers, "sink_len": self.sink_len}
+        key = {"block_len": self.block_len, "memory_layers": self.memory_layers, "sink_len": self.sink_len}
+        if self.backend == "rmt":  # an rmt memory is a state of this size, not a window and blocks
+            key["num_mem_tokens"] = self.num_mem_tokens
+        return key
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from memlm.config import MemoryConfig
 from memlm.memory.backends import make_backend
+from memlm.memory.recurrent import RecurrentMemoryTokens, RecurrentSession
 from memlm.memory.session import MemorySession, Retrieval
 from memlm.model.install import install_memory_attention
 from memlm.model.loading import load_model
@@ -71,7 +72,8 @@ class MemoryLM:
         self.max_positions = int(model.config.max_position_embeddings)
         config.validate(self.shape.num_layers, self.max_positions)
         self.config = config
-        self.backend = make_backend(config.backend, self.shape.num_layers, self.shape.num_heads, config.gate_init)
+        embeddings = model.get_input_embeddings().weight
+        self.backend = make_backend(config, self.shape.num_layers, self.shape.num_heads, embeddings)
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
 
@@ -85,16 +87,23 @@ class MemoryLM:
         dtype: str = "bfloat16",
         device: str = "cpu",
         adapter: str | Path | None = None,
+        default_adapter: bool = True,
         **settings,
     ) -> MemoryLM:
         """`model` None: the embedded model. `store` None: FAISS under $MEMLM_HOME. `adapter`:
-        a trained adapter file (`memlm train ...`). Extra keyword arguments override
-        `MemoryConfig` fields (top_k=16, segment_len=512, ...)."""
+        a trained adapter file (`memlm train ...`); with none given, the embedded model gets
+        the adapter shipped for its backend, if any (memlm/adapters; `default_adapter=False`
+        runs it untrained). Extra keyword arguments override `MemoryConfig` fields (top_k=16,
+        segment_len=512, ...)."""
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         config = replace(config or MemoryConfig(), backend=backend, **settings)
         hf_model, tokenizer = load_model(model, dtype=DTYPES[dtype], device=device)
         lm = cls(hf_model, tokenizer, open_store(store), config)
+        if adapter is None and model is None and default_adapter:
+            from memlm.train.adapter import shipped_adapter
+
+            adapter = shipped_adapter(config.backend)
         if adapter is not None:
             from memlm.train.adapter import load_adapter
 
@@ -114,11 +123,11 @@ class MemoryLM:
         with self._locks_guard:
             return self._locks.setdefault(memory, threading.Lock())
 
-    def _open_session(self, memory: str | None, writes: bool) -> MemorySession:
+    def _open_session(self, memory: str | None, writes: bool) -> MemorySession | RecurrentSession:
         """A session over `memory` as last committed; None: no memory at all (plain model
-        with the same local window)."""
+        with the same local window; for rmt, the trained initial memory)."""
         if memory is None:
-            return MemorySession(self.shape, self.config, self.backend, self.store, "-", writes=False)
+            return self._new_session("-", writes=False, state=None)
         try:
             state = self.store.load_state(memory)
         except MemoryNotFound:
@@ -132,6 +141,11 @@ class MemoryLM:
                     f"memory {memory!r} was written with {stored}; this model is set to "
                     f"{self.config.storage_key()}: use the same settings or a new memory name"
                 )
+        return self._new_session(memory, writes, state)
+
+    def _new_session(self, memory: str, writes: bool, state: dict | None) -> MemorySession | RecurrentSession:
+        if isinstance(self.backend, RecurrentMemoryTokens):
+            return RecurrentSession(self.backend, self.model, writes, state)
         return MemorySession(self.shape, self.config, self.backend, self.store, memory, writes, state)
 
     # -- ingest ---------------------------------------------------------------------------
@@ -198,8 +212,10 @@ class MemoryLM:
         )
 
     @torch.inference_mode()
-    def _forward(self, session: MemorySession, token_ids: list[int], logits: str) -> torch.Tensor | None:
+    def _forward(self, session: MemorySession | RecurrentSession, token_ids: list[int], logits: str) -> torch.Tensor | None:
         """Run tokens through the model; logits "none", "last" (T=1 row) or "all" (T rows)."""
+        if isinstance(session, RecurrentSession):
+            return session.forward(token_ids, logits)
         device = self.model.device
         input_ids = torch.tensor([token_ids], device=device)
         position_ids = session.positions_for(len(token_ids)).unsqueeze(0).to(device)

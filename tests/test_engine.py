@@ -169,7 +169,7 @@ def test_bad_input_is_refused_with_a_clear_message() -> None:
 def test_bad_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="top_k must be >= 1"):
         MemoryConfig(top_k=0).validate(3, 4096)
-    with pytest.raises(ValueError, match="exceeds the model's context"):
+    with pytest.raises(ValueError, match="more than the model's context"):
         MemoryConfig(segment_len=8192).validate(3, 4096)
     with pytest.raises(ValueError, match="out of range"):
         MemoryConfig(memory_layers=[5]).validate(3, 4096)
@@ -189,3 +189,31 @@ def test_reading_a_memory_with_other_storage_settings_is_refused() -> None:
     other = tiny_lm(store=store, segment_len=16, sink_len=4, local_len=16, block_len=8)
     with pytest.raises(ValueError, match="was written with"):
         other.generate("q", memory="doc")
+
+
+def test_rmt_state_round_trips_and_memories_never_mix(tmp_path) -> None:
+    """The saved memory state continues in a new process exactly as in the old one, and
+    ingesting one memory leaves another untouched."""
+    from memlm.store import FaissStore
+
+    settings = dict(backend="rmt", segment_len=16, num_mem_tokens=4)
+    a = torch.randint(0, 120, (48,), generator=torch.Generator().manual_seed(6)).tolist()  # whole segments
+    b = torch.randint(0, 120, (40,), generator=torch.Generator().manual_seed(7)).tolist()
+    lm = tiny_lm(store=FaissStore(tmp_path / "store"), **settings)
+    lm.ingest_tokens(a, "a", progress=False)
+    state_a = lm.store.load_state("a")["rmt_state"].copy()
+    lm.ingest_tokens(b, "b", progress=False)
+    np.testing.assert_array_equal(lm.store.load_state("a")["rmt_state"], state_a)
+    assert not np.allclose(lm.store.load_state("b")["rmt_state"], state_a)
+    expected = lm.generate("question", memory="a", max_new_tokens=6, chat=False)
+    assert lm.generate("question", memory="b", max_new_tokens=6, chat=False) != expected
+
+    # A new process: the same weights, the store reopened from disk.
+    reopened = tiny_lm(store=FaissStore(tmp_path / "store"), **settings)
+    assert reopened.generate("question", memory="a", max_new_tokens=6, chat=False) == expected
+    # Appending continues from the saved state: a, then more == one ingest of a + more.
+    reopened.ingest_tokens(b[:16], "a", progress=False)
+    whole = tiny_lm(**settings)
+    whole.ingest_tokens(a + b[:16], "whole", progress=False)
+    np.testing.assert_allclose(reopened.store.load_state("a")["rmt_state"], whole.store.load_state("whole")["rmt_state"],
+                               atol=1e-5)  # fmt: skip

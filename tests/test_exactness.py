@@ -124,3 +124,43 @@ def test_xl_cache_carries_no_gradient() -> None:
     assert all(not w.keys.requires_grad and not w.values.requires_grad for w in session.windows)
     logits.sum().backward()
     assert lm.model.model.embed_tokens.weight.grad is not None
+
+
+# -- rmt ----------------------------------------------------------------------------------
+
+
+def test_rmt_segment_is_the_stock_model_on_memory_segment_memory() -> None:
+    """An rmt ingest segment is the unchanged model run on [memory ; tokens ; memory]."""
+    lm = tiny_lm(backend="rmt", segment_len=16, num_mem_tokens=3)
+    ids = torch.randint(0, 120, (16,), generator=torch.Generator().manual_seed(4)).tolist()
+    logits = lm.ingest_tokens(ids, "doc", progress=False, return_logits=True).logits
+    model = tiny_model()
+    memory = lm.backend.memory.detach()
+    with torch.no_grad():
+        inputs = torch.cat([memory, model.get_input_embeddings()(torch.tensor(ids)), memory]).unsqueeze(0)
+        out = model(inputs_embeds=inputs, output_hidden_states=True)
+    torch.testing.assert_close(logits, out.logits[0, 3:-3])
+    state = lm.store.load_state("doc")["rmt_state"]
+    torch.testing.assert_close(torch.from_numpy(state), out.hidden_states[-1][0, -3:])
+
+
+def test_rmt_gradients_reach_memory_tokens_through_three_segments() -> None:
+    """A loss on what a generation reads after three segments reaches the initial memory
+    tokens, and only through the memory: cut the recurrence and the gradient is gone."""
+    lm = tiny_lm(backend="rmt", segment_len=8, num_mem_tokens=2)
+    ids = torch.randint(0, 120, (24,), generator=torch.Generator().manual_seed(5)).tolist()
+
+    def grad_of_answer(cut_after_first: bool) -> torch.Tensor:
+        lm.backend.memory.grad = None
+        writer = lm._new_session("x", writes=True, state=None)
+        for number, start in enumerate(range(0, 24, 8)):
+            writer.forward(ids[start : start + 8], logits="none")
+            if number == 0 and cut_after_first:
+                writer.memory_state = writer.memory_state.detach()
+        logits = writer.reader().forward([1, 2, 3], logits="all")
+        logits[-1, 7].backward()
+        return lm.backend.memory.grad
+
+    grad = grad_of_answer(cut_after_first=False)
+    assert grad is not None and grad.abs().sum() > 0
+    assert grad_of_answer(cut_after_first=True) is None

@@ -10,7 +10,14 @@ from memlm.engine import MemoryLM
 from memlm.store import FaissStore
 from memlm.train.adapter import add_lora, load_adapter, save_adapter
 from memlm.train.loop import TrainConfig, train
-from memlm.train.methods import crossbatch_loss, crossbatch_size, freeze_all_but, gate_loss
+from memlm.train.methods import (
+    crossbatch_loss,
+    crossbatch_size,
+    curriculum_segments,
+    freeze_all_but,
+    gate_loss,
+    recurrent_loss,
+)
 
 SMALL = dict(segment_len=16, sink_len=4, local_len=16, block_len=4, top_k=4)
 
@@ -97,6 +104,44 @@ def test_lora_adapter_round_trips(tmp_path) -> None:
     fresh = sharp_tiny_lm()
     assert load_adapter(fresh, path) == "fot-lora"
     torch.testing.assert_close(fresh.ingest_tokens(ids, "a", progress=False, return_logits=True).logits, expected)
+
+
+def rmt_lm(seed: int = 0):
+    lm = tiny_lm(backend="rmt", segment_len=64, num_mem_tokens=4)
+    with torch.no_grad():
+        lm.model.lm_head.weight.mul_(20)
+    torch.manual_seed(seed)
+    params = {"memory": lm.backend.memory, **add_lora(lm, rank=4, alpha=8.0, layers=[0, 1, 2])}
+    freeze_all_but(lm, params)
+    return lm, params
+
+
+def test_rmt_training_lowers_the_loss() -> None:
+    """Backpropagation through time on two fixed documents: the loop must fit them."""
+    lm, params = rmt_lm()
+    loss_fn = recurrent_loss(lm, total_examples=10, max_segments=2, bptt=2, seed=0)
+    result = train(lambda index: loss_fn(index % 2), params, TrainConfig(steps=10, lr=1e-2, progress=False))
+    assert sum(result.losses[-3:]) / 3 < sum(result.losses[:3]) / 3 - 1.0
+    assert [curriculum_segments(i, 8, 4) for i in range(8)] == [1, 1, 2, 2, 3, 3, 4, 4]
+
+
+def test_rmt_adapter_round_trips(tmp_path) -> None:
+    lm, params = rmt_lm()
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(0.01)
+    ids = list(range(10, 90))
+    lm.ingest_tokens(ids, "a", progress=False)
+    expected = lm.generate("question", memory="a", max_new_tokens=5, chat=False)
+    path = save_adapter(lm, tmp_path / "rmt.safetensors", "rmt", {"command": "test"})
+    fresh = tiny_lm(backend="rmt", segment_len=64, num_mem_tokens=4)
+    with torch.no_grad():
+        fresh.model.lm_head.weight.mul_(20)
+    assert load_adapter(fresh, path) == "rmt"
+    fresh.ingest_tokens(ids, "a", progress=False)
+    assert fresh.generate("question", memory="a", max_new_tokens=5, chat=False) == expected
+    with pytest.raises(ValueError, match="num_mem_tokens"):
+        load_adapter(tiny_lm(backend="rmt", segment_len=64, num_mem_tokens=5), path)
 
 
 @pytest.mark.slow

@@ -9,6 +9,9 @@ g = sigmoid(b): out = g * memory + (1 - g) * local.
 
 `xl` (Transformer-XL): no vector memory; the recurrent cache of the last `local_len` tokens
 (the session's local window) is the memory.
+
+`rmt` (Recurrent Memory Transformer): memory tokens carried from segment to segment
+(memlm/memory/recurrent.py); no vector memory either.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from memlm.config import MemoryConfig
 from memlm.memory.attention import Attended, merge
+from memlm.memory.recurrent import RecurrentMemoryTokens
 
 
 class MemoryBackend(Protocol):
@@ -60,11 +65,14 @@ class RecurrenceBackend:
         raise RuntimeError("the xl backend reads no vector memory")
 
 
-def make_backend(name: str, num_layers: int, num_heads: int, gate_init: float) -> MemoryBackend:
-    if name == "fot":
+def make_backend(config: MemoryConfig, num_layers: int, num_heads: int, embeddings: torch.Tensor) -> MemoryBackend:
+    """`embeddings` (vocab, hidden): the model's input embeddings (rmt starts its memory from them)."""
+    if config.backend == "fot":
         return FocusedBackend()
-    if name == "knn":
-        return MemorizingBackend(num_layers, num_heads, gate_init)
-    if name == "xl":
+    if config.backend == "knn":
+        return MemorizingBackend(num_layers, num_heads, config.gate_init)
+    if config.backend == "xl":
         return RecurrenceBackend()
-    raise ValueError(f"unknown backend {name!r}; choose fot, knn or xl")
+    if config.backend == "rmt":
+        return RecurrentMemoryTokens(embeddings, config.num_mem_tokens)
+    raise ValueError(f"unknown backend {config.backend!r}; choose fot, knn, xl or rmt")

@@ -2,7 +2,9 @@
 a copy of it. Two kinds:
 
 - `knn-gates`: the Memorizing-Transformer gate biases (layers x heads floats);
-- `fot-lora`: LoRA weights on the memory layers' attention projections (peft).
+- `fot-lora`: LoRA weights on the memory layers' attention projections (peft);
+- `rmt`: the RMT initial memory tokens, with LoRA weights on every layer's attention when
+  trained with them.
 
 `MemoryLM.load(adapter=PATH)` and `load_adapter(lm, PATH)` apply either.
 """
@@ -17,8 +19,20 @@ from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model,
 from safetensors.torch import load_file, safe_open, save_file
 
 from memlm.memory.backends import MemorizingBackend
+from memlm.memory.recurrent import RecurrentMemoryTokens
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# Adapters trained for the embedded model, shipped in the package (how each was made is in
+# its metadata: `python -m memlm.train.adapter FILE`). A backend is listed only when its
+# adapter beat the training-free backend in `memlm bench` (README, Results).
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "adapters"
+SHIPPED: dict[str, str] = {"rmt": "rmt.safetensors"}
+
+
+def shipped_adapter(backend: str) -> Path | None:
+    """The adapter shipped for `backend` on the embedded model, if there is one."""
+    name = SHIPPED.get(backend)
+    return SHIPPED_DIR / name if name and (SHIPPED_DIR / name).is_file() else None
 
 
 def lora_config(layers: list[int], rank: int, alpha: float) -> LoraConfig:
@@ -27,9 +41,10 @@ def lora_config(layers: list[int], rank: int, alpha: float) -> LoraConfig:
     return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=pattern, bias="none")
 
 
-def add_lora(lm, rank: int = 8, alpha: float = 16.0) -> dict[str, torch.nn.Parameter]:
-    """Inject LoRA into the memory layers of `lm.model`; returns the trainable parameters."""
-    layers = lm.config.layer_indices(lm.shape.num_layers)
+def add_lora(lm, rank: int = 8, alpha: float = 16.0, layers: list[int] | None = None) -> dict[str, torch.nn.Parameter]:
+    """Inject LoRA into `layers` of `lm.model` (default: the memory layers); returns the
+    trainable parameters."""
+    layers = lm.config.layer_indices(lm.shape.num_layers) if layers is None else layers
     inject_adapter_in_model(lora_config(layers, rank, alpha), lm.model)
     lm.lora = {"layers": layers, "rank": rank, "alpha": alpha}
     return {name: p for name, p in lm.model.named_parameters() if "lora_" in name}
@@ -43,13 +58,27 @@ def save_adapter(lm, path: str | Path, kind: str, provenance: dict) -> Path:
         tensors = {"gate_bias": lm.backend.gate_bias.detach().float().cpu().contiguous()}
         extra = {}
     elif kind == "fot-lora":
-        tensors = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(lm.model).items()}
+        tensors = _lora_tensors(lm)
         extra = {"lora": lm.lora}
+    elif kind == "rmt":
+        lora = getattr(lm, "lora", None)
+        tensors = {"memory": lm.backend.memory.detach().float().cpu().contiguous(), **(_lora_tensors(lm) if lora else {})}
+        extra = {"lora": lora, "rmt": {"num_mem_tokens": lm.config.num_mem_tokens, "segment_len": lm.config.segment_len}}
     else:
         raise ValueError(f"unknown adapter kind {kind!r}")
     metadata = {"kind": kind, "storage_key": json.dumps(lm.config.storage_key()), **{k: json.dumps(v) for k, v in {**extra, "provenance": provenance}.items()}}
     save_file(tensors, str(path), metadata=metadata)
     return path
+
+
+def _lora_tensors(lm) -> dict[str, torch.Tensor]:
+    return {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(lm.model).items()}
+
+
+def _apply_lora(lm, lora: dict, tensors: dict[str, torch.Tensor]) -> None:
+    inject_adapter_in_model(lora_config(lora["layers"], lora["rank"], lora["alpha"]), lm.model)
+    set_peft_model_state_dict(lm.model, {k: v.to(lm.model.dtype) for k, v in tensors.items()})
+    lm.lora = lora
 
 
 def load_adapter(lm, path: str | Path) -> str:
@@ -70,9 +99,19 @@ def load_adapter(lm, path: str | Path) -> str:
         lora = json.loads(metadata["lora"])
         if lora["layers"] != lm.config.layer_indices(lm.shape.num_layers):
             raise ValueError(f"{path} was trained for memory layers {lora['layers']}; set memory_layers to match")
-        inject_adapter_in_model(lora_config(lora["layers"], lora["rank"], lora["alpha"]), lm.model)
-        set_peft_model_state_dict(lm.model, {k: v.to(lm.model.dtype) for k, v in tensors.items()})
-        lm.lora = lora
+        _apply_lora(lm, lora, tensors)
+    elif kind == "rmt":
+        if not isinstance(lm.backend, RecurrentMemoryTokens):
+            raise ValueError(f"{path} holds RMT memory tokens; load it with backend='rmt'")
+        memory = tensors.pop("memory")
+        if memory.shape != lm.backend.memory.shape:
+            raise ValueError(f"{path} holds {memory.shape[0]} memory tokens of width {memory.shape[1]}; this model "
+                             f"is set to {tuple(lm.backend.memory.shape)}: set num_mem_tokens to match")  # fmt: skip
+        with torch.no_grad():
+            lm.backend.memory.copy_(memory)
+        lora = json.loads(metadata["lora"])
+        if lora:
+            _apply_lora(lm, lora, tensors)
     else:
         raise ValueError(f"{path} is not a memlm adapter (kind {kind!r})")
     return kind

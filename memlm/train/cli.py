@@ -103,3 +103,39 @@ def fot(
     config = TrainConfig(steps=steps, lr=lr, accumulation=accumulation, seed=seed, checkpoint=checkpoint)
     result = train(loss_fn, params, config)
     typer.echo(f"wrote {save_adapter(lm, out, 'fot-lora', _provenance(seed, result))}")
+
+
+@train_app.command("rmt")
+def rmt(
+    out: Annotated[Path, typer.Option(help="Adapter file to write.")] = Path("adapters/rmt.safetensors"),
+    steps: StepsOpt = 300,
+    segment_len: Annotated[int, typer.Option(help="Tokens per segment (use the same when reading).")] = 1024,
+    num_mem_tokens: Annotated[int, typer.Option(help="Memory tokens carried between segments.")] = 16,
+    max_segments: Annotated[int, typer.Option(help="Document segments at the end of the curriculum.")] = 4,
+    bptt: Annotated[int, typer.Option(help="Segments that gradients flow back through (truncated BPTT).")] = 4,
+    rank: Annotated[int, typer.Option(help="LoRA rank on every layer's attention (0: memory tokens only).")] = 8,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
+    accumulation: Annotated[int, typer.Option(help="Examples per step.")] = 1,
+    seed: SeedOpt = 0,
+    checkpoint: CheckpointOpt = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Recurrent Memory Transformer: train the memory tokens (and LoRA) by backpropagation
+    through time on generated passkey and BABILong-style documents; the number of segments
+    grows from 1 to max_segments over the run."""
+    from memlm.engine import MemoryLM
+    from memlm.train.adapter import add_lora, save_adapter
+    from memlm.train.loop import train
+    from memlm.train.methods import freeze_all_but, recurrent_loss
+
+    lm = MemoryLM.load(model=model, backend="rmt", store="memory", dtype=_dtype(device), device=device,
+                       segment_len=segment_len, num_mem_tokens=num_mem_tokens, default_adapter=False)  # fmt: skip
+    params = {"memory": lm.backend.memory}
+    if rank > 0:
+        params |= add_lora(lm, rank=rank, alpha=2.0 * rank, layers=list(range(lm.shape.num_layers)))
+    freeze_all_but(lm, params)
+    loss_fn = recurrent_loss(lm, steps * accumulation, max_segments, bptt, seed)
+    config = TrainConfig(steps=steps, lr=lr, accumulation=accumulation, seed=seed, checkpoint=checkpoint)
+    result = train(loss_fn, params, config)
+    typer.echo(f"wrote {save_adapter(lm, out, 'rmt', _provenance(seed, result))}")

@@ -7,6 +7,9 @@ read-only `MemorySession` runs the tokens to learn from with gradients on.
 - `crossbatch_loss`: Focused Transformer crossbatch. In the memory layers each document
   attends, in one softmax with its local keys, to its own previous context (positives) and
   to the previous contexts of d-1 other documents of the batch (negatives).
+- `recurrent_loss`: RMT. A generated document is ingested segment by segment with autograd
+  on (truncated backpropagation through time), then the loss of the answer to its question,
+  read through the final memory state, flows back through the memory tokens of every segment.
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from memlm.engine import MemoryLM
+from memlm.memory.recurrent import RecurrentSession
 from memlm.memory.session import MemorySession
 from memlm.store.base import SearchResult, VectorStore
-from memlm.tasks import passkey
+from memlm.tasks import Task, babilong, passkey
 from memlm.train.data import TRAIN_SEED_BASE
 
 # Every training example's retrieval takes the whole memory (FoT trains without kNN).
@@ -125,6 +129,51 @@ def crossbatch_loss(
                 if name in lm.store.memories():
                     lm.forget(name)
         return total / len(docs), tokens
+
+    return loss
+
+
+def curriculum_segments(index: int, total: int, max_segments: int, min_segments: int = 1) -> int:
+    """Document segments of example `index`: from min_segments up to max_segments over the
+    run, in equal stages (RMT's curriculum: short recurrences first)."""
+    stages = max_segments - min_segments + 1
+    return min(max_segments, min_segments + index * stages // max(1, total))
+
+
+def recurrent_task(index: int, num_tokens: int, seed: int) -> Task:
+    """Training example `index`: a passkey or a BABILong single- or two-fact question, in
+    turn, its facts anywhere in the document (seeds far from the benchmarks')."""
+    rng = random.Random(seed * 7919 + index)
+    task_seed = TRAIN_SEED_BASE + seed * 100_003 + index
+    if index % 3 == 0:
+        return passkey(num_tokens, depth=rng.uniform(0.0, 1.0), seed=task_seed)
+    return rng.choice(babilong(num_tokens, [rng.uniform(0.0, 0.9)], seed=task_seed))
+
+
+def recurrent_loss(
+    lm: MemoryLM, total_examples: int, max_segments: int, bptt: int, seed: int, min_segments: int = 1
+) -> Callable[[int], tuple[torch.Tensor, int]]:
+    """RMT objective: cross-entropy of the answer after the document went through the memory
+    tokens segment by segment; gradients flow through the last `bptt` segments."""
+    if lm.config.backend != "rmt":
+        raise ValueError(f"recurrent_loss trains the rmt backend, not {lm.config.backend!r}")
+    segment_len = lm.config.segment_len
+
+    def loss(index: int) -> tuple[torch.Tensor, int]:
+        segments = curriculum_segments(index, total_examples, max_segments, min_segments)
+        # 5% short of the segment budget: the generators' token counts are estimates.
+        task = recurrent_task(index, int(segments * segment_len * 0.95), seed)
+        document = lm.tokenizer(task.document, add_special_tokens=False)["input_ids"]
+        writer: RecurrentSession = lm._new_session("train-rmt", writes=True, state=None)
+        starts = list(range(0, len(document), segment_len))
+        for number, start in enumerate(starts):
+            with torch.set_grad_enabled(number >= len(starts) - bptt):
+                writer.forward(document[start : start + segment_len], logits="none")
+        prompt = lm.prompt_ids(task.prompt, chat=False)
+        answer = lm.tokenizer(" " + task.answer, add_special_tokens=False)["input_ids"]
+        logits = writer.reader().forward(prompt + answer, logits="all")
+        target = torch.tensor(answer, device=logits.device)
+        return F.cross_entropy(logits[len(prompt) - 1 : -1], target), len(document) + len(prompt) + len(answer)
 
     return loss
 

@@ -1,0 +1,121 @@
+"""`rmt` backend: the Recurrent Memory Transformer in its decoder form (Bulatov et al. 2022,
+"Recurrent Memory Transformer"; 2023, "Scaling Transformer to 1M tokens and beyond with RMT").
+
+A memory is `num_mem_tokens` vectors in the model's input-embedding space. Ingest runs every
+segment, with plain causal attention, as
+
+    [memory (read) ; segment tokens ; memory (write)]
+
+and the last hidden states at the write positions become the memory for the next segment:
+the write tokens have seen the whole segment and the old memory, so they can carry forward
+whatever later segments will need. A generation runs `[memory ; prompt ; generated tokens]`.
+The memory state, a (num_mem_tokens, hidden) tensor, is all that survives a segment; it is
+saved under the memory's name, so `ingest` and `ask` can be separate calls and processes.
+
+The initial memory is a trained parameter (`memlm train rmt`, with LoRA on attention); with
+the base model frozen and no training, the model has never learnt to read its own hidden
+states as input, and the backend is no better than the plain model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from memlm.memory.attention import Attended
+
+
+class RecurrentMemoryTokens(nn.Module):
+    """The trained initial memory of the `rmt` backend."""
+
+    name = "rmt"
+
+    def __init__(self, embeddings: torch.Tensor, num_mem_tokens: int, seed: int = 0):
+        """`embeddings` (vocab, hidden): the model's input embeddings. The memory starts as
+        random rows of it, so it has the scale the model's first layer expects."""
+        super().__init__()
+        rows = torch.randint(0, embeddings.shape[0], (num_mem_tokens,), generator=torch.Generator().manual_seed(seed))
+        self.memory = nn.Parameter(embeddings[rows].detach().float().clone())  # (M, hidden)
+
+    @property
+    def num_mem_tokens(self) -> int:
+        return self.memory.shape[0]
+
+    def combine(self, layer: int, local: Attended, memory: Attended) -> torch.Tensor:
+        raise RuntimeError("the rmt backend reads no vector memory")
+
+
+class RecurrentSession:
+    """One pass over an rmt memory. Writing (ingest): every `forward` is one segment and moves
+    the memory state on. Reading (generation): the first `forward` is prefixed with the memory
+    state, later ones continue from the key/value cache."""
+
+    def __init__(self, rmt: RecurrentMemoryTokens, model, writes: bool, state: dict[str, np.ndarray] | None = None):
+        self.rmt, self.model, self.writes = rmt, model, writes
+        self.retrieved: dict = {}  # nothing is retrieved: kept for the engine's common interface
+        if state is None:
+            self.memory_state: torch.Tensor | None = None  # None: the trained initial memory
+            self.token_ids: list[int] = []
+        else:
+            self.memory_state = torch.from_numpy(state["rmt_state"].astype(np.float32))
+            self.token_ids = state["token_ids"].tolist()
+        self._cache: DynamicCache | None = None
+        self._next_position = 0
+
+    @property
+    def current_memory(self) -> torch.Tensor:
+        """(M, hidden): what the next segment or prompt reads."""
+        return self.rmt.memory if self.memory_state is None else self.memory_state
+
+    @property
+    def window_end(self) -> int:
+        """Positions a generation has used before its prompt (the memory prefix)."""
+        return self.rmt.num_mem_tokens if self._cache is None else self._next_position
+
+    def positions_for(self, num_new: int) -> torch.Tensor:
+        return torch.arange(self.window_end, self.window_end + num_new)
+
+    def forward(self, token_ids: list[int], logits: str) -> torch.Tensor | None:
+        """Run tokens (a segment when writing, a prompt or the next token when reading).
+        `logits` "none", "last" or "all" as in `MemoryLM._forward`."""
+        device, dtype = self.model.device, self.model.dtype
+        tokens = self.model.get_input_embeddings()(torch.tensor([token_ids], device=device))  # (1, T, hidden)
+        memory = self.current_memory.to(device, dtype).unsqueeze(0)  # (1, M, hidden)
+        if self.writes:
+            inputs = torch.cat([memory, tokens, memory], dim=1)  # (1, M + T + M, hidden)
+            positions = torch.arange(inputs.shape[1], device=device).unsqueeze(0)
+            hidden = self.model.model(inputs_embeds=inputs, position_ids=positions, use_cache=False).last_hidden_state
+            self.memory_state = hidden[0, -memory.shape[1] :]  # the write positions, (M, hidden)
+            self.token_ids.extend(token_ids)
+            token_hidden = hidden[:, memory.shape[1] : -memory.shape[1]]
+        else:
+            if self._cache is None:
+                inputs, self._cache, self._next_position = torch.cat([memory, tokens], dim=1), DynamicCache(), 0
+            else:
+                inputs = tokens
+            positions = torch.arange(self._next_position, self._next_position + inputs.shape[1], device=device)
+            out = self.model.model(
+                inputs_embeds=inputs, position_ids=positions.unsqueeze(0), past_key_values=self._cache, use_cache=True
+            )
+            self._next_position += inputs.shape[1]
+            token_hidden = out.last_hidden_state[:, -len(token_ids) :]
+        if logits == "none":
+            return None
+        if logits == "last":
+            token_hidden = token_hidden[:, -1:]
+        return self.model.lm_head(token_hidden)[0].float()
+
+    def reader(self) -> RecurrentSession:
+        """A reading session that continues from this one's memory, keeping its autograd graph
+        (training: the loss on an answer reaches back through every segment)."""
+        session = RecurrentSession(self.rmt, self.model, writes=False)
+        session.memory_state, session.token_ids = self.memory_state, list(self.token_ids)
+        return session
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {
+            "rmt_state": self.current_memory.detach().float().cpu().numpy(),
+            "token_ids": np.array(self.token_ids, dtype=np.int32),
+        }
