@@ -1,0 +1,66 @@
+"""The real-document benchmark's written questions: well formed, spread over the manual, and
+each answer really stated where its anchor says (when the Vim manual is installed here); the
+questions file format loads and is checked. No model runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from memlm.bench import realdoc
+from memlm.bench.realdoc import QUESTIONS, RealDocument, build_tasks, load_questions, parse_chapters
+from memlm.tasks import score_answer
+
+MANUAL = realdoc._manual_dir(realdoc.VIM_DOCS)
+
+
+def test_questions_are_well_formed_and_spread():
+    assert len({q.question for q in QUESTIONS}) == len(QUESTIONS)
+    for q in QUESTIONS:
+        assert q.question.strip() and q.answer.strip() and q.chapter is not None
+        # The anchor states the answer in one of its written forms, and the scorer accepts it.
+        assert any(score_answer(q.anchor, answer) for answer in (q.answer, *q.variants)), q.question
+        assert not any(score_answer(q.answer, wrong) for wrong in q.distractors), q.question
+    default = [q for q in QUESTIONS if q.chapter in realdoc.DEFAULT_CHAPTERS]
+    assert len(default) >= 16
+    assert {q.chapter for q in default} == set(realdoc.DEFAULT_CHAPTERS)  # every default chapter asked about
+
+
+def test_parse_chapters():
+    assert parse_chapters("1-3,5") == [1, 2, 3, 5]
+    assert parse_chapters("2,1,2") == [1, 2]
+    with pytest.raises(ValueError, match="chapters must look like"):
+        parse_chapters("one")
+
+
+@pytest.mark.skipif(MANUAL is None, reason=f"the Vim user manual is not installed ({realdoc.VIM_DOCS})")
+def test_every_answer_is_in_the_manual():
+    chapters = sorted({q.chapter for q in QUESTIONS})
+    document = realdoc.vim_manual(chapters)
+    tasks = build_tasks(document, list(QUESTIONS))  # raises when an anchor or answer is missing
+    for q, task in zip(QUESTIONS, tasks):
+        start, end = document.chapters[q.chapter]
+        assert task.chapter == q.chapter and start <= task.offset < end, q.question
+        assert q.answer in document.text[start:end], q.question
+    depths = [t.depth for t in tasks]
+    assert depths == sorted(depths) and depths[0] < 0.1 and depths[-1] > 0.9  # start to end of the text
+
+
+def test_questions_file(tmp_path):
+    text = "Chapter one. The launch code of the station is 4711. Chapter two. Nothing else."
+    path = tmp_path / "questions.json"
+    question = {"question": "What is the launch code?", "answer": "4711",
+                "anchor": "launch code of the station is 4711", "distractors": ["1234"]}  # fmt: skip
+    path.write_text(json.dumps([question]))
+    questions = load_questions(path)
+    (task,) = build_tasks(RealDocument(text, "inline"), questions)
+    assert task.offset == text.index("launch code") and task.chapter is None
+    assert task.score("It is 4711.") and not task.score("1234, or maybe 4711")
+
+    path.write_text(json.dumps([{"question": "What is the launch code?"}]))
+    with pytest.raises(ValueError, match="needs non-empty"):
+        load_questions(path)
+    path.write_text(json.dumps([{"question": "What is the code?", "answer": "9999"}]))
+    with pytest.raises(ValueError, match="not in the document"):
+        build_tasks(RealDocument(text, "inline"), load_questions(path))
