@@ -16,7 +16,7 @@ app.add_typer(bench_app, name="bench")
 app.add_typer(train_app, name="train")
 
 ModelOpt = Annotated[Optional[str], typer.Option(help="Local checkpoint directory (default: embedded SmolLM2-135M).")]
-BackendOpt = Annotated[str, typer.Option(help="Memory backend: fot or knn.")]
+BackendOpt = Annotated[str, typer.Option(help="Memory backend: fot, knn, xl or rmt (README, Backends).")]
 StoreOpt = Annotated[
     Optional[str], typer.Option(help="Store URL: faiss, faiss:///dir, lance:///dir, grpc://host:port (env MEMLM_STORE).")
 ]
@@ -220,7 +220,7 @@ def bench_eval(
     window_length: Annotated[int, typer.Option(help="In-window reference length (whole document visible).")] = 2000,
     trials: Annotated[int, typer.Option(help="Documents per task, length and config (several questions each).")] = 5,
     tasks: Annotated[str, typer.Option(help="Comma-separated: passkey,kv-lines,multi-needle,babilong,docqa.")] = "all",
-    configs: Annotated[str, typer.Option(help="Comma-separated: plain,fot,knn,xl.")] = "all",
+    configs: Annotated[str, typer.Option(help="Comma-separated: plain,fot,knn,xl,rmt.")] = "all",
     model: ModelOpt = None,
     seed: Annotated[int, typer.Option(help="Seed of the generated documents.")] = 0,
     out: Annotated[Path, typer.Option(help="Where to write JSON and PNG.")] = Path("benchmarks/results"),
@@ -244,6 +244,121 @@ def bench_eval(
     try:
         run(config)
     except ValueError as error:
+        _fail(str(error))
+
+
+@bench_app.command("train")
+def bench_train(
+    lengths: Annotated[str, typer.Option(help="Comma-separated question-answering document lengths.")] = "16000,32000",
+    trials: Annotated[int, typer.Option(help="Documents per task and length (several questions each).")] = 5,
+    tasks: Annotated[str, typer.Option(help="Comma-separated: passkey,kv-lines,multi-needle,babilong,docqa.")] = (
+        "passkey,babilong"
+    ),
+    docs: Annotated[int, typer.Option(help="Held-out documents for perplexity.")] = 8,
+    doc_length: Annotated[int, typer.Option(help="Tokens per perplexity document.")] = 16_000,
+    tail: Annotated[int, typer.Option(help="Perplexity of each document's last this many tokens.")] = 1024,
+    data: Annotated[
+        Optional[Path], typer.Option(help="Directory of .txt/.md files: perplexity on its held-out split.")
+    ] = None,
+    configs: Annotated[str, typer.Option(help="Comma-separated: fot,fot+lora,knn,knn+gates.")] = "all",
+    fot_adapter: Annotated[Optional[Path], typer.Option(help="LoRA adapter of fot+lora (memlm train fot).")] = None,
+    knn_adapter: Annotated[Optional[Path], typer.Option(help="Gates of knn+gates (memlm train gate).")] = None,
+    model: ModelOpt = None,
+    seed: Annotated[int, typer.Option(help="Seed of the generated documents.")] = 0,
+    out: Annotated[Path, typer.Option(help="Where to write JSON and PNG.")] = Path("benchmarks/results"),
+    name: Annotated[str, typer.Option(help="File name stem of the results.")] = "train",
+) -> None:
+    """Memory backends before and after training (fot, fot+lora, knn, knn+gates): perplexity of
+    held-out long documents with and without memory, passkey and BABILong-style accuracy. A
+    configuration whose adapter file is missing is skipped."""
+    from memlm.bench.train import CONFIGS, TrainBenchConfig, run
+
+    config = TrainBenchConfig(
+        lengths=[int(n) for n in lengths.split(",")],
+        trials=trials,
+        families=tasks.split(","),
+        docs=docs,
+        doc_length=doc_length,
+        tail=tail,
+        data=data,
+        configs=list(CONFIGS) if configs == "all" else configs.split(","),
+        model=model,
+        seed=seed,
+        out_dir=out,
+        name=name,
+    )
+    # None: the dataclass's defaults, the adapters' paths in the package (memlm/adapters).
+    config.fot_adapter = fot_adapter or config.fot_adapter
+    config.knn_adapter = knn_adapter or config.knn_adapter
+    try:
+        run(config)
+    except (ValueError, OSError) as error:
+        _fail(str(error))
+
+
+@bench_app.command("backends")
+def bench_backends(
+    lengths: Annotated[str, typer.Option(help="Comma-separated document lengths in tokens.")] = "4000,16000,32000",
+    trials: Annotated[int, typer.Option(help="Documents per task, length and config.")] = 20,
+    configs: Annotated[str, typer.Option(help="Comma-separated: plain,fot,knn,xl,rmt.")] = "all",
+    speed_length: Annotated[int, typer.Option(help="Document length for the speed measurements (0: none).")] = 16_000,
+    model: ModelOpt = None,
+    seed: Annotated[int, typer.Option(help="Seed of the generated documents.")] = 0,
+    out: Annotated[Path, typer.Option(help="Where to write JSON and PNG.")] = Path("benchmarks/results"),
+    name: Annotated[str, typer.Option(help="File name stem of the results.")] = "backends",
+) -> None:
+    """Every memory backend next to the plain model: passkey and BABILong-style fact QA at
+    each length, ingest and decode speed."""
+    from memlm.bench.backends import CONFIGS, BackendsConfig, run
+
+    config = BackendsConfig(
+        lengths=[int(n) for n in lengths.split(",")],
+        trials=trials,
+        configs=list(CONFIGS) if configs == "all" else configs.split(","),
+        speed_length=speed_length,
+        model=model,
+        seed=seed,
+        out_dir=out,
+        name=name,
+    )
+    try:
+        run(config)
+    except ValueError as error:
+        _fail(str(error))
+
+
+@bench_app.command("realdoc")
+def bench_realdoc(
+    chapters: Annotated[str, typer.Option(help="Vim user manual chapters, e.g. 1-10 (~53k tokens) or 1,2.")] = "1-10",
+    file: Annotated[
+        Optional[Path], typer.Option(help="Another text instead of the manual (.txt, .md, .html, .pdf).")
+    ] = None,
+    questions_file: Annotated[
+        Optional[Path], typer.Option(help="JSON list of {question, answer, anchor, variants, distractors}.")
+    ] = None,
+    configs: Annotated[str, typer.Option(help="Comma-separated: plain,in-window,fot,knn,xl,rmt.")] = (
+        "plain,in-window,fot,knn,rmt"
+    ),
+    model: ModelOpt = None,
+    out: Annotated[Path, typer.Option(help="Where to write JSON and PNG.")] = Path("benchmarks/results"),
+    name: Annotated[str, typer.Option(help="File name stem of the results.")] = "realdoc",
+) -> None:
+    """Free-form QA on a real document (the Vim user manual of Debian's vim-runtime, fetched with
+    apt when missing): the plain model, the model with only the answer's chapter, and each backend."""
+    from memlm.bench.realdoc import RealdocConfig, parse_chapters, run
+
+    try:
+        config = RealdocConfig(
+            chapters=parse_chapters(chapters),
+            file=file,
+            questions_file=questions_file,
+            configs=configs.split(","),
+            model=model,
+            out_dir=out,
+            name=name,
+        )
+        run(config)
+    except (ValueError, OSError) as error:
         _fail(str(error))
 
 

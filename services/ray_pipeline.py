@@ -78,6 +78,10 @@ class PipelineConfig:
         )
 
     def memory_config(self) -> MemoryConfig:
+        if self.backend == "rmt":
+            # Its memory tokens loop from the last layer's output back into the first layer,
+            # so every segment would cross all shards twice: serve rmt in one process.
+            raise ValueError("the rmt backend does not run as a Ray pipeline; serve it without --ray")
         return replace(MemoryConfig(), backend=self.backend, **self.settings)
 
 

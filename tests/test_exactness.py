@@ -130,18 +130,20 @@ def test_xl_cache_carries_no_gradient() -> None:
 
 
 def test_rmt_segment_is_the_stock_model_on_memory_segment_memory() -> None:
-    """An rmt ingest segment is the unchanged model run on [memory ; tokens ; memory]."""
+    """An rmt ingest segment is the unchanged model run on [sink ; memory ; tokens ; memory]."""
     lm = tiny_lm(backend="rmt", segment_len=16, num_mem_tokens=3)
     ids = torch.randint(0, 120, (16,), generator=torch.Generator().manual_seed(4)).tolist()
     logits = lm.ingest_tokens(ids, "doc", progress=False, return_logits=True).logits
     model = tiny_model()
     memory = lm.backend.memory.detach()
     with torch.no_grad():
-        inputs = torch.cat([memory, model.get_input_embeddings()(torch.tensor(ids)), memory]).unsqueeze(0)
+        embed = model.get_input_embeddings()
+        sink = embed(torch.tensor([model.config.bos_token_id]))
+        inputs = torch.cat([sink, memory, embed(torch.tensor(ids)), memory]).unsqueeze(0)
         out = model(inputs_embeds=inputs, output_hidden_states=True)
-    torch.testing.assert_close(logits, out.logits[0, 3:-3])
+    torch.testing.assert_close(logits, out.logits[0, 4:-3])
     state = lm.store.load_state("doc")["rmt_state"]
-    torch.testing.assert_close(torch.from_numpy(state), out.hidden_states[-1][0, -3:])
+    torch.testing.assert_close(torch.from_numpy(state), lm.backend.written(model, out.hidden_states[-1][0, -3:]).detach())
 
 
 def test_rmt_gradients_reach_memory_tokens_through_three_segments() -> None:

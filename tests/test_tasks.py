@@ -170,7 +170,7 @@ def test_unknown_names_are_refused() -> None:
     with pytest.raises(ValueError, match="unknown task"):
         suite.EvalConfig(families=["passkey", "nope"]).validate()
     with pytest.raises(ValueError, match="unknown configuration"):
-        suite.EvalConfig(configs=["rmt"]).validate()
+        suite.EvalConfig(configs=["rnn"]).validate()
 
 
 def trial(config: str, kind: str, length: int, right: bool, depth: float = 0.5) -> suite.Trial:

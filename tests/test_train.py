@@ -111,7 +111,7 @@ def rmt_lm(seed: int = 0):
     with torch.no_grad():
         lm.model.lm_head.weight.mul_(20)
     torch.manual_seed(seed)
-    params = {"memory": lm.backend.memory, **add_lora(lm, rank=4, alpha=8.0, layers=[0, 1, 2])}
+    params = {**dict(lm.backend.named_parameters()), **add_lora(lm, rank=4, alpha=8.0, layers=[0, 1, 2])}
     freeze_all_but(lm, params)
     return lm, params
 

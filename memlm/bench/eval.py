@@ -32,6 +32,8 @@ from memlm.engine import MemoryLM
 from memlm.model.loading import load_model
 from memlm.store import FaissStore
 from memlm.tasks import Task, babilong, handbook, kv_lines, multi_needle, passkey
+from memlm.train.adapter import shipped_adapter
+from memlm.train.data import TRAIN_SEED_BASE
 
 CONFIGS: tuple[str, ...] = ("plain", *BACKENDS)  # "plain": the model alone, its input cut to its window
 LONG_LENGTH = 128_000
@@ -112,8 +114,9 @@ def wilson(right: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def document_seed(seed: int, family: str, length: int, document: int) -> int:
-    """The same documents for every configuration, different ones per family, length and index."""
-    return seed * 1_000_003 + zlib.crc32(f"{family}:{length}:{document}".encode())
+    """The same documents for every configuration, different ones per family, length and index;
+    below TRAIN_SEED_BASE, where training seeds start, so evaluation never sees training data."""
+    return (seed * 1_000_003 + zlib.crc32(f"{family}:{length}:{document}".encode())) % TRAIN_SEED_BASE
 
 
 def document_depths(document: int, documents: int, questions: int) -> list[float]:
@@ -213,7 +216,19 @@ def in_window_reference(by_config: dict, config: EvalConfig) -> float | None:
     return by_config[name][str(config.window_length)]["accuracy"]
 
 
-def run(config: EvalConfig) -> dict:
+def config_lm(name: str, hf_model, tokenizer, model: str | None) -> MemoryLM | None:
+    """The MemoryLM of a configuration; "plain" is None. On the embedded model a backend with a
+    shipped adapter runs with it (as `MemoryLM.load` would) on its own copy of the model, since
+    a LoRA adapter changes the weights; the others share `hf_model`."""
+    if name == "plain":
+        return None
+    if model is None and shipped_adapter(name) is not None:
+        return MemoryLM.load(backend=name, store=FaissStore(None))
+    return MemoryLM(hf_model, tokenizer, FaissStore(None), MemoryConfig(backend=name))
+
+
+def evaluate(config: EvalConfig) -> dict:
+    """Run every configuration on the same documents; returns the report (see `run`)."""
     config.validate()
     hf_model, tokenizer = load_model(config.model, dtype=torch.bfloat16)
     base = MemoryLM(hf_model, tokenizer, FaissStore(None), MemoryConfig())
@@ -222,19 +237,23 @@ def run(config: EvalConfig) -> dict:
     docs = documents(config)
     trials: list[Trial] = []
     seconds: dict[str, float] = {}
+    adapters: dict[str, str] = {}
     for name in config.configs:
         started = time.perf_counter()
-        settings = replace(MemoryConfig(), backend=name)
-        lm = None if name == "plain" else MemoryLM(hf_model, tokenizer, FaissStore(None), settings)
+        lm = config_lm(name, hf_model, tokenizer, config.model)
+        adapter = shipped_adapter(name) if config.model is None else None
+        if adapter is not None:
+            adapters[name] = adapter.name
         trials += run_config(name, lm, base, docs)
         seconds[name] = time.perf_counter() - started
     accuracy, retention = summarize(trials, config)
-    report = {
+    return {
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
         "model": config.model or "embedded SmolLM2-135M-Instruct",
         "model_window": base.max_positions,
         "dtype": "bfloat16",
         "defaults": asdict(MemoryConfig()),
+        "adapters": adapters,
         "lengths": config.all_lengths,
         "window_length": config.window_length,
         "documents_per_cell": config.trials,
@@ -248,13 +267,21 @@ def run(config: EvalConfig) -> dict:
         "seconds": seconds,
         "trials": [asdict(t) for t in trials],
     }
-    print_table(report)
+
+
+def write(report: dict, config: EvalConfig) -> None:
     config.out_dir.mkdir(parents=True, exist_ok=True)
     stem = config.out_dir / config.name
     Path(f"{stem}.json").write_text(json.dumps(report, indent=1))
     plot_heatmaps(report, Path(f"{stem}.png"))
     plot_accuracy(report, Path(f"{stem}_accuracy.png"))
     print(f"wrote {stem}.json, {stem}.png and {stem}_accuracy.png")
+
+
+def run(config: EvalConfig) -> dict:
+    report = evaluate(config)
+    print_table(report)
+    write(report, config)
     return report
 
 

@@ -130,7 +130,7 @@ def throughput(lm: MemoryLM, length: int, repeats: int = 2) -> dict:
     decodes = [(decode_ms("bench-full"), decode_ms(None)) for _ in range(repeats)]
     full_ms, empty_ms = min(d[0] for d in decodes), min(d[1] for d in decodes)
     stats = lm.store.stats("bench-full")
-    window_tokens = len(lm.store.load_state("bench-full")["window_positions"])
+    window_tokens = len(lm.store.load_state("bench-full").get("window_positions", ()))  # rmt has no window
     lm.forget("bench-full")
     return {
         "length": len(ids),

@@ -65,8 +65,11 @@ class RecurrenceBackend:
         raise RuntimeError("the xl backend reads no vector memory")
 
 
-def make_backend(config: MemoryConfig, num_layers: int, num_heads: int, embeddings: torch.Tensor) -> MemoryBackend:
-    """`embeddings` (vocab, hidden): the model's input embeddings (rmt starts its memory from them)."""
+def make_backend(
+    config: MemoryConfig, num_layers: int, num_heads: int, embeddings: torch.Tensor, sink_token_id: int = 0
+) -> MemoryBackend:
+    """`embeddings` (vocab, hidden): the model's input embeddings; `sink_token_id`: the token
+    that starts the model's documents (both for rmt)."""
     if config.backend == "fot":
         return FocusedBackend()
     if config.backend == "knn":
@@ -74,5 +77,5 @@ def make_backend(config: MemoryConfig, num_layers: int, num_heads: int, embeddin
     if config.backend == "xl":
         return RecurrenceBackend()
     if config.backend == "rmt":
-        return RecurrentMemoryTokens(embeddings, config.num_mem_tokens)
+        return RecurrentMemoryTokens(embeddings, config.num_mem_tokens, sink_token_id)
     raise ValueError(f"unknown backend {config.backend!r}; choose fot, knn, xl or rmt")

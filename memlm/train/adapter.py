@@ -62,7 +62,8 @@ def save_adapter(lm, path: str | Path, kind: str, provenance: dict) -> Path:
         extra = {"lora": lm.lora}
     elif kind == "rmt":
         lora = getattr(lm, "lora", None)
-        tensors = {"memory": lm.backend.memory.detach().float().cpu().contiguous(), **(_lora_tensors(lm) if lora else {})}
+        own = {name: p.detach().float().cpu().contiguous() for name, p in lm.backend.named_parameters()}  # memory, write_norm
+        tensors = {**own, **(_lora_tensors(lm) if lora else {})}
         extra = {"lora": lora, "rmt": {"num_mem_tokens": lm.config.num_mem_tokens, "segment_len": lm.config.segment_len}}
     else:
         raise ValueError(f"unknown adapter kind {kind!r}")
@@ -103,12 +104,13 @@ def load_adapter(lm, path: str | Path) -> str:
     elif kind == "rmt":
         if not isinstance(lm.backend, RecurrentMemoryTokens):
             raise ValueError(f"{path} holds RMT memory tokens; load it with backend='rmt'")
-        memory = tensors.pop("memory")
+        memory = tensors["memory"]
         if memory.shape != lm.backend.memory.shape:
             raise ValueError(f"{path} holds {memory.shape[0]} memory tokens of width {memory.shape[1]}; this model "
                              f"is set to {tuple(lm.backend.memory.shape)}: set num_mem_tokens to match")  # fmt: skip
         with torch.no_grad():
-            lm.backend.memory.copy_(memory)
+            for name, p in lm.backend.named_parameters():
+                p.copy_(tensors.pop(name))
         lora = json.loads(metadata["lora"])
         if lora:
             _apply_lora(lm, lora, tensors)

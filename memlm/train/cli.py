@@ -131,7 +131,7 @@ def rmt(
 
     lm = MemoryLM.load(model=model, backend="rmt", store="memory", dtype=_dtype(device), device=device,
                        segment_len=segment_len, num_mem_tokens=num_mem_tokens, default_adapter=False)  # fmt: skip
-    params = {"memory": lm.backend.memory}
+    params = dict(lm.backend.named_parameters())  # the initial memory and the written memory's length
     if rank > 0:
         params |= add_lora(lm, rank=rank, alpha=2.0 * rank, layers=list(range(lm.shape.num_layers)))
     freeze_all_but(lm, params)
