@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from memlm.bench.common import check_names
 from memlm.bench.eval import EvalConfig, _pyplot, config_lm, evaluate, print_table, write
 from memlm.bench.passkey import throughput
 from memlm.config import BACKENDS
@@ -62,9 +63,7 @@ def measure_speed(config: BackendsConfig) -> dict[str, dict]:
 
 
 def run(config: BackendsConfig) -> dict:
-    unknown = sorted(set(config.configs) - set(CONFIGS))
-    if unknown:
-        raise ValueError(f"unknown configuration {unknown}; known: {', '.join(CONFIGS)}")
+    check_names("configuration", config.configs, CONFIGS)
     evaluation = config.eval_config()
     report = evaluate(evaluation)
     report["speed"] = measure_speed(config) if config.speed_length else {}

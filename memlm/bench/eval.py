@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from memlm.bench.common import check_names, report_header
 from memlm.bench.passkey import plain_answer
 from memlm.config import BACKENDS, MemoryConfig
 from memlm.engine import MemoryLM
@@ -89,10 +89,8 @@ class EvalConfig:
     name: str = "eval"
 
     def validate(self) -> None:
-        for label, names, known in (("task", self.families, FAMILIES), ("configuration", self.configs, CONFIGS)):
-            unknown = sorted(set(names) - set(known))
-            if unknown:
-                raise ValueError(f"unknown {label} {unknown}; known: {', '.join(known)}")
+        check_names("task", self.families, FAMILIES)
+        check_names("configuration", self.configs, CONFIGS)
         if self.trials < 1:
             raise ValueError(f"trials must be >= 1, got {self.trials}")
         if any(n < 100 for n in [*self.lengths, self.window_length]):
@@ -248,11 +246,8 @@ def evaluate(config: EvalConfig) -> dict:
         seconds[name] = time.perf_counter() - started
     accuracy, retention = summarize(trials, config)
     return {
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
-        "model": config.model or "embedded SmolLM2-135M-Instruct",
+        **report_header(config.model),
         "model_window": base.max_positions,
-        "dtype": "bfloat16",
-        "defaults": asdict(MemoryConfig()),
         "adapters": adapters,
         "lengths": config.all_lengths,
         "window_length": config.window_length,

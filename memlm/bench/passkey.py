@@ -6,7 +6,6 @@ bytes per token. Prints a table and writes `passkey.json` and `passkey.png`."""
 from __future__ import annotations
 
 import json
-import platform
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from memlm.bench.common import check_names, report_header
 from memlm.config import MemoryConfig
 from memlm.engine import MemoryLM
 from memlm.model.loading import load_model
@@ -156,9 +156,7 @@ def run(
     name: str = "passkey",
 ) -> dict:
     names = list(CONFIGS) if configs == "all" else configs.split(",")
-    unknown = set(names) - set(CONFIGS)
-    if unknown:
-        raise ValueError(f"unknown configurations {sorted(unknown)}; known: {', '.join(CONFIGS)}")
+    check_names("configuration", names, CONFIGS)
     hf_model, tokenizer = load_model(model, dtype=torch.bfloat16)
     base = MemoryLM(hf_model, tokenizer, FaissStore(None), MemoryConfig())
     results = []
@@ -176,10 +174,7 @@ def run(
 
 def report_of(results: list[ConfigResult], speed: dict, lengths: list[int], trials: int, model: str | None) -> dict:
     return {
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
-        "model": model or "embedded SmolLM2-135M-Instruct",
-        "dtype": "bfloat16",
-        "defaults": asdict(MemoryConfig()),
+        **report_header(model),
         "lengths": lengths,
         "trials_per_length": trials,
         "accuracy": {r.name: {str(n): r.accuracy(n) for n in lengths} for r in results},

@@ -31,7 +31,6 @@ from __future__ import annotations
 import bisect
 import glob
 import json
-import platform
 import re
 import subprocess
 import tempfile
@@ -41,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from memlm.bench.common import check_names, report_header
 from memlm.bench.eval import _pyplot, config_lm, prompt_text, run_config, wilson
 from memlm.config import BACKENDS, MemoryConfig
 from memlm.demo import read_document
@@ -161,9 +161,7 @@ class RealdocConfig:
     name: str = "realdoc"
 
     def validate(self) -> None:
-        unknown = sorted(set(self.configs) - set(CONFIGS))
-        if unknown:
-            raise ValueError(f"unknown configuration {unknown}; known: {', '.join(CONFIGS)}")
+        check_names("configuration", self.configs, CONFIGS)
         if not self.configs:
             raise ValueError("no configuration to run")
         if self.file is not None and self.questions_file is None:
@@ -363,11 +361,8 @@ def evaluate(config: RealdocConfig) -> dict:
         "document": {"source": document.source, "package": document.package, "version": document.version,
                      "chapters": sorted(document.chapters) or None, "characters": len(document.text),
                      "tokens": tokens},  # fmt: skip
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
-        "model": config.model or "embedded SmolLM2-135M-Instruct",
+        **report_header(config.model),
         "model_window": base.max_positions,
-        "dtype": "bfloat16",
-        "defaults": asdict(MemoryConfig()),
         "adapters": adapters,
         "configs": config.configs,
         "questions": [{"question": t.question, "answer": t.answer, "variants": list(t.variants),

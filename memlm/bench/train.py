@@ -26,7 +26,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import platform
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from memlm.bench.common import check_names, report_header
 from memlm.bench.eval import (
     FAMILIES,
     EvalConfig,
@@ -86,10 +86,8 @@ class TrainBenchConfig:
     name: str = "train"
 
     def validate(self) -> None:
-        for label, names, known in (("configuration", self.configs, CONFIGS), ("task", self.families, FAMILIES)):
-            unknown = sorted(set(names) - set(known))
-            if unknown:
-                raise ValueError(f"unknown {label} {unknown}; known: {', '.join(known)}")
+        check_names("configuration", self.configs, CONFIGS)
+        check_names("task", self.families, FAMILIES)
         if min(self.trials, self.docs, self.tail) < 1:
             raise ValueError("trials, docs and tail must be >= 1")
         if self.doc_length <= self.tail + 1:
@@ -232,10 +230,7 @@ def run(config: TrainBenchConfig) -> dict:
     qa_docs = documents(qa_config)
     report = {
         "config": json.loads(json.dumps(asdict(config), default=str)),
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
-        "model": config.model or "embedded SmolLM2-135M-Instruct",
-        "dtype": "bfloat16",
-        "defaults": asdict(MemoryConfig()),
+        **report_header(config.model),
         "configs": [v.name for v in variants],
         "skipped": skipped,
         "adapters": {v.name: adapter_metadata(v.adapter) for v in variants if v.adapter is not None},
