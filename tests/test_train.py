@@ -148,7 +148,8 @@ def test_rmt_adapter_round_trips(tmp_path) -> None:
 def test_gate_training_moves_gates_toward_memory_only_when_memory_is_needed() -> None:
     def trained_gates(needs_memory: bool) -> float:
         lm = MemoryLM.load(
-            backend="knn", store=FaissStore(None), segment_len=256, local_len=128, sink_len=16, gate_init=-1.0
+            backend="knn", store=FaissStore(None), segment_len=256, local_len=128, sink_len=16, gate_init=-1.0,
+            default_adapter=False,
         )
         gates = {"gate_bias": lm.backend.gate_bias}
         freeze_all_but(lm, gates)
@@ -156,3 +157,17 @@ def test_gate_training_moves_gates_toward_memory_only_when_memory_is_needed() ->
         return lm.backend.gate_bias.mean().item()
 
     assert trained_gates(needs_memory=True) > -1.0 > trained_gates(needs_memory=False)
+
+
+@pytest.mark.slow
+def test_shipped_adapters_apply_by_default_to_the_embedded_model() -> None:
+    from safetensors.torch import load_file
+
+    from memlm.train.adapter import SHIPPED, shipped_adapter
+
+    assert set(SHIPPED) <= {"fot", "knn", "rmt"} and all(shipped_adapter(b) is not None for b in SHIPPED)
+    trained = load_file(str(shipped_adapter("knn")))["gate_bias"]
+    lm = MemoryLM.load(backend="knn", store=FaissStore(None))
+    torch.testing.assert_close(lm.backend.gate_bias.detach(), trained)
+    untrained = MemoryLM.load(backend="knn", store=FaissStore(None), default_adapter=False)
+    assert bool((untrained.backend.gate_bias == 0).all())

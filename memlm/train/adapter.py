@@ -26,7 +26,7 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # its metadata: `python -m memlm.train.adapter FILE`). A backend is listed only when its
 # adapter beat the training-free backend in `memlm bench` (README, Results).
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "adapters"
-SHIPPED: dict[str, str] = {"rmt": "rmt.safetensors"}
+SHIPPED: dict[str, str] = {"rmt": "rmt.safetensors", "knn": "knn-gates.safetensors"}
 
 
 def shipped_adapter(backend: str) -> Path | None:

@@ -53,7 +53,8 @@ def gate(
     from memlm.train.loop import train
     from memlm.train.methods import freeze_all_but, gate_loss
 
-    lm = MemoryLM.load(model=model, backend="knn", store="memory", dtype=_dtype(device), device=device)
+    lm = MemoryLM.load(model=model, backend="knn", store="memory", dtype=_dtype(device), device=device,
+                       default_adapter=False)  # fmt: skip
     gates = {"gate_bias": lm.backend.gate_bias}
     freeze_all_but(lm, gates)
     with_memory, without = gate_loss(lm, length, True, seed), gate_loss(lm, length, False, seed)
@@ -88,7 +89,8 @@ def fot(
     from memlm.train.loop import train
     from memlm.train.methods import crossbatch_loss, freeze_all_but
 
-    lm = MemoryLM.load(model=model, backend="fot", store="memory", dtype=_dtype(device), device=device)
+    lm = MemoryLM.load(model=model, backend="fot", store="memory", dtype=_dtype(device), device=device,
+                       default_adapter=False)  # fmt: skip
     length = context_len + target_len
     if data is None:
         document = lambda index: generated_document(lm.tokenizer, length, index)  # noqa: E731
@@ -131,7 +133,7 @@ def rmt(
 
     lm = MemoryLM.load(model=model, backend="rmt", store="memory", dtype=_dtype(device), device=device,
                        segment_len=segment_len, num_mem_tokens=num_mem_tokens, default_adapter=False)  # fmt: skip
-    params = dict(lm.backend.named_parameters())  # the initial memory and the written memory's length
+    params = dict(lm.backend.named_parameters())  # the initial memory tokens
     if rank > 0:
         params |= add_lora(lm, rank=rank, alpha=2.0 * rank, layers=list(range(lm.shape.num_layers)))
     freeze_all_but(lm, params)
