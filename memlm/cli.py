@@ -29,6 +29,19 @@ def _fail(message: str) -> None:
     raise typer.Exit(1)
 
 
+def _names(value: str, known) -> list[str]:
+    """A comma-separated option, "all" meaning every known name."""
+    return list(known) if value == "all" else value.split(",")
+
+
+def _run_bench(run, config) -> None:
+    """Run a benchmark; a bad setting or an unreadable file is a one-line error, not a trace."""
+    try:
+        run(config)
+    except (ValueError, OSError) as error:
+        _fail(str(error))
+
+
 def _load(model: str | None, backend: str, store: str | None, **settings):
     from memlm.engine import MemoryLM
     from memlm.store.settings import StoreSettings
@@ -234,17 +247,14 @@ def bench_eval(
         lengths=[int(n) for n in lengths.split(",")] + ([LONG_LENGTH] if long else []),
         window_length=window_length,
         trials=trials,
-        families=list(FAMILIES) if tasks == "all" else tasks.split(","),
-        configs=list(CONFIGS) if configs == "all" else configs.split(","),
+        families=_names(tasks, FAMILIES),
+        configs=_names(configs, CONFIGS),
         model=model,
         seed=seed,
         out_dir=out,
         name=name,
     )
-    try:
-        run(config)
-    except ValueError as error:
-        _fail(str(error))
+    _run_bench(run, config)
 
 
 @bench_app.command("train")
@@ -281,7 +291,7 @@ def bench_train(
         doc_length=doc_length,
         tail=tail,
         data=data,
-        configs=list(CONFIGS) if configs == "all" else configs.split(","),
+        configs=_names(configs, CONFIGS),
         model=model,
         seed=seed,
         out_dir=out,
@@ -290,10 +300,7 @@ def bench_train(
     # None: the dataclass's defaults, the adapters' paths in the package (memlm/adapters).
     config.fot_adapter = fot_adapter or config.fot_adapter
     config.knn_adapter = knn_adapter or config.knn_adapter
-    try:
-        run(config)
-    except (ValueError, OSError) as error:
-        _fail(str(error))
+    _run_bench(run, config)
 
 
 @bench_app.command("backends")
@@ -314,17 +321,14 @@ def bench_backends(
     config = BackendsConfig(
         lengths=[int(n) for n in lengths.split(",")],
         trials=trials,
-        configs=list(CONFIGS) if configs == "all" else configs.split(","),
+        configs=_names(configs, CONFIGS),
         speed_length=speed_length,
         model=model,
         seed=seed,
         out_dir=out,
         name=name,
     )
-    try:
-        run(config)
-    except ValueError as error:
-        _fail(str(error))
+    _run_bench(run, config)
 
 
 @bench_app.command("realdoc")
