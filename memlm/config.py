@@ -73,9 +73,10 @@ class MemoryConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.sink_len < 0 or self.local_len < 0:
             raise ValueError("sink_len and local_len must be >= 0")
-        window = self.sink_len + 1 + self.local_len + self.block_len + self.segment_len
-        if self.backend == "rmt":
-            window = self.segment_len + 2 * self.num_mem_tokens
+        if self.backend == "rmt":  # [sink ; memory ; segment ; memory]
+            window = 1 + self.segment_len + 2 * self.num_mem_tokens
+        else:
+            window = self.sink_len + 1 + self.local_len + self.block_len + self.segment_len
         if self.position_mode != "exact" and window > max_positions:
             raise ValueError(
                 f"a segment with its local window or memory tokens spans {window} positions, more than the "

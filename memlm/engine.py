@@ -72,11 +72,7 @@ class MemoryLM:
         self.max_positions = int(model.config.max_position_embeddings)
         config.validate(self.shape.num_layers, self.max_positions)
         self.config = config
-        embeddings = model.get_input_embeddings().weight
-        # rmt's attention-sink token: the model's BOS, else its EOS (what separates documents).
-        sink = next((t for t in (model.config.bos_token_id, model.config.eos_token_id) if t is not None), 0)
-        sink = sink[0] if isinstance(sink, list) else sink
-        self.backend = make_backend(config, self.shape.num_layers, self.shape.num_heads, embeddings, sink)
+        self.backend = make_backend(config, self.shape.num_layers, self.shape.num_heads, model)
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
 

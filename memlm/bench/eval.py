@@ -214,13 +214,19 @@ def in_window_reference(by_config: dict, config: EvalConfig) -> float | None:
     return by_config[name][str(config.window_length)]["accuracy"]
 
 
+def config_adapter(name: str, model: str | None) -> Path | None:
+    """The adapter a configuration runs with: the one shipped for its backend, on the
+    embedded model only (as `MemoryLM.load` does)."""
+    return shipped_adapter(name) if model is None else None
+
+
 def config_lm(name: str, hf_model, tokenizer, model: str | None) -> MemoryLM | None:
-    """The MemoryLM of a configuration; "plain" is None. On the embedded model a backend with a
-    shipped adapter runs with it (as `MemoryLM.load` would) on its own copy of the model, since
-    a LoRA adapter changes the weights; the others share `hf_model`."""
+    """The MemoryLM of a configuration; "plain" is None. A configuration with an adapter runs on
+    its own copy of the model, since a LoRA adapter changes the weights; the others share
+    `hf_model`."""
     if name == "plain":
         return None
-    if model is None and shipped_adapter(name) is not None:
+    if config_adapter(name, model) is not None:
         return MemoryLM.load(backend=name, store=FaissStore(None))
     return MemoryLM(hf_model, tokenizer, FaissStore(None), MemoryConfig(backend=name))
 
@@ -239,7 +245,7 @@ def evaluate(config: EvalConfig) -> dict:
     for name in config.configs:
         started = time.perf_counter()
         lm = config_lm(name, hf_model, tokenizer, config.model)
-        adapter = shipped_adapter(name) if config.model is None else None
+        adapter = config_adapter(name, config.model)
         if adapter is not None:
             adapters[name] = adapter.name
         trials += run_config(name, lm, base, docs)

@@ -41,14 +41,13 @@ from pathlib import Path
 import torch
 
 from memlm.bench.common import check_names, report_header
-from memlm.bench.eval import _pyplot, config_lm, prompt_text, run_config, wilson
+from memlm.bench.eval import _pyplot, config_adapter, config_lm, prompt_text, run_config, wilson
 from memlm.config import BACKENDS, MemoryConfig
 from memlm.demo import read_document
 from memlm.engine import MemoryLM
 from memlm.model.loading import load_model
 from memlm.store import FaissStore
 from memlm.tasks import Task, score_answer
-from memlm.train.adapter import shipped_adapter
 
 # "plain": the model alone, its input cut to its window; "in-window": the model alone with the
 # chapter that holds the answer; the rest are memory backends.
@@ -344,7 +343,7 @@ def evaluate(config: RealdocConfig) -> dict:
             trials += run_config(name, None, base, docs)
         else:
             lm = config_lm(name, hf_model, tokenizer, config.model)
-            adapter = shipped_adapter(name) if config.model is None and lm is not None else None
+            adapter = config_adapter(name, config.model)
             if adapter is not None:
                 adapters[name] = adapter.name
             trials += run_config(name, lm, base, whole)

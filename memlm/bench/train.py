@@ -51,9 +51,8 @@ from memlm.config import MemoryConfig
 from memlm.engine import MemoryLM
 from memlm.model.loading import load_model
 from memlm.store import FaissStore
-from memlm.tasks import handbook
 from memlm.train.adapter import SHIPPED_DIR, load_adapter
-from memlm.train.data import TRAIN_SEED_BASE, packed_documents
+from memlm.train.data import handbook_ids, packed_documents
 
 
 CONFIGS: tuple[str, ...] = ("fot", "fot+lora", "knn", "knn+gates")
@@ -147,12 +146,6 @@ def without_memory(lm: MemoryLM) -> MemoryLM:
 # -- perplexity -----------------------------------------------------------------------------
 
 
-def handbook_ids(tokenizer, length: int, seed: int) -> list[int]:
-    """A generated handbook of `length` tokens (the generator's count is an estimate: ask for more)."""
-    text, _ = handbook(int(length * 1.1), seed=seed)
-    return tokenizer(text, add_special_tokens=False)["input_ids"][:length]
-
-
 def perplexity_documents(config: TrainBenchConfig, tokenizer) -> list[list[int]]:
     """Held-out documents: the eval split of `config.data`, or generated handbooks whose seeds
     stay below TRAIN_SEED_BASE, where the training seeds begin."""
@@ -161,8 +154,7 @@ def perplexity_documents(config: TrainBenchConfig, tokenizer) -> list[list[int]]
         if not found:
             raise ValueError(f"no held-out document of {config.doc_length} tokens in {config.data}")
         return found
-    seeds = [document_seed(config.seed, "perplexity", config.doc_length, i) % TRAIN_SEED_BASE
-             for i in range(config.docs)]  # fmt: skip
+    seeds = [document_seed(config.seed, "perplexity", config.doc_length, i) for i in range(config.docs)]
     return [handbook_ids(tokenizer, config.doc_length, seed) for seed in seeds]
 
 

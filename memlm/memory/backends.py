@@ -65,11 +65,8 @@ class RecurrenceBackend:
         raise RuntimeError("the xl backend reads no vector memory")
 
 
-def make_backend(
-    config: MemoryConfig, num_layers: int, num_heads: int, embeddings: torch.Tensor, sink_token_id: int = 0
-) -> MemoryBackend:
-    """`embeddings` (vocab, hidden): the model's input embeddings; `sink_token_id`: the token
-    that starts the model's documents (both for rmt)."""
+def make_backend(config: MemoryConfig, num_layers: int, num_heads: int, model) -> MemoryBackend:
+    """`model`: the transformers model (rmt starts its memory from its embeddings)."""
     if config.backend == "fot":
         return FocusedBackend()
     if config.backend == "knn":
@@ -77,5 +74,5 @@ def make_backend(
     if config.backend == "xl":
         return RecurrenceBackend()
     if config.backend == "rmt":
-        return RecurrentMemoryTokens(embeddings, config.num_mem_tokens, sink_token_id)
+        return RecurrentMemoryTokens.for_model(model, config.num_mem_tokens)
     raise ValueError(f"unknown backend {config.backend!r}; choose fot, knn, xl or rmt")

@@ -8,7 +8,10 @@ segment, with plain causal attention, as
 
 and the last hidden states at the write positions become the memory for the next segment:
 the write tokens have seen the whole segment and the old memory, so they can carry forward
-whatever later segments will need.
+whatever later segments will need. A generation runs `[sink token ; memory ; prompt ;
+generated tokens]`. The memory state, a (num_mem_tokens, hidden) tensor, is all that survives
+a segment; it is saved under the memory's name, so `ingest` and `ask` can be separate calls
+and processes.
 
 One departure from the paper, which feeds the raw hidden states back and fine-tunes the whole
 model: here each write position's hidden state goes through the LM head, and the memory
@@ -19,13 +22,11 @@ of the embedded model from 3.7-7.6 to 9.7-18.7 after one segment, even rescaled 
 embeddings' norm. Soft tokens at temperature 1 blend many embeddings into a short vector
 (loss 8-16); at WRITE_TEMPERATURE = 0.3 they stay near real tokens (loss 3.7-8.9, against
 3.7-7.5 reading the untrained initial memory), so training (LoRA + memory tokens, base
-frozen) starts from a model that still works. A generation runs `[sink token ; memory ; prompt ; generated tokens]`.
-The memory state, a (num_mem_tokens, hidden) tensor, is all that survives a segment; it is
-saved under the memory's name, so `ingest` and `ask` can be separate calls and processes.
+frozen) starts from a model that still works.
 
 The initial memory is a trained parameter (`memlm train rmt`, with LoRA on attention); with
-the base model frozen and no training, the model has never learnt to read its own hidden
-states as input, and the backend is no better than the plain model.
+the base model frozen and no training, the model has never learnt to write what later
+segments need into the memory, and the backend is no better than the plain model.
 """
 
 from __future__ import annotations
@@ -44,6 +45,15 @@ class RecurrentMemoryTokens(nn.Module):
     """The trained initial memory of the `rmt` backend."""
 
     name = "rmt"
+
+    @classmethod
+    def for_model(cls, model, num_mem_tokens: int) -> RecurrentMemoryTokens:
+        """Memory tokens for a transformers model; its BOS (else EOS, what separates its
+        documents) is the attention-sink token."""
+        config = model.config
+        sink = next((t for t in (config.bos_token_id, config.eos_token_id) if t is not None), 0)
+        sink = sink[0] if isinstance(sink, list) else sink
+        return cls(model.get_input_embeddings().weight, num_mem_tokens, sink)
 
     def __init__(self, embeddings: torch.Tensor, num_mem_tokens: int, sink_token_id: int, seed: int = 0):
         """`embeddings` (vocab, hidden): the model's input embeddings. The memory starts as

@@ -42,7 +42,12 @@ def packed_documents(directory: str | Path, tokenizer, length: int, split: str =
             index += 1
 
 
+def handbook_ids(tokenizer, length: int, seed: int) -> list[int]:
+    """A generated handbook of `length` tokens (the generator's count is an estimate: ask for more)."""
+    text, _ = handbook(int(length * 1.1), seed=seed)
+    return tokenizer(text, add_special_tokens=False)["input_ids"][:length]
+
+
 def generated_document(tokenizer, length: int, index: int) -> list[int]:
     """A generated handbook of `length` tokens for training example `index`."""
-    text, _ = handbook(int(length * 1.1), seed=TRAIN_SEED_BASE + index)
-    return tokenizer(text, add_special_tokens=False)["input_ids"][:length]
+    return handbook_ids(tokenizer, length, TRAIN_SEED_BASE + index)
