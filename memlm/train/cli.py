@@ -34,6 +34,27 @@ def _provenance(seed: int, result) -> dict:
             "tokens": result.tokens, "seconds": result.seconds}
 
 
+def _untrained(model: str | None, backend: str, device: str, **settings):
+    """The model to train: an in-RAM store, bf16 where the hardware has it, and no shipped
+    adapter (training starts from the untrained backend)."""
+    from memlm.engine import MemoryLM
+
+    return MemoryLM.load(model=model, backend=backend, store="memory", dtype=_dtype(device), device=device,
+                         default_adapter=False, **settings)  # fmt: skip
+
+
+def _fit(lm, params: dict, loss_fn, kind: str, out: Path, config: TrainConfig) -> None:
+    """Train `params` alone (everything else frozen), then write them as an adapter of `kind`
+    with the command and seed that made it."""
+    from memlm.train.adapter import save_adapter
+    from memlm.train.loop import train
+    from memlm.train.methods import freeze_all_but
+
+    freeze_all_but(lm, params)
+    result = train(loss_fn, params, config)
+    typer.echo(f"wrote {save_adapter(lm, out, kind, _provenance(config.seed, result))}")
+
+
 @train_app.command("gate")
 def gate(
     out: Annotated[Path, typer.Option(help="Adapter file to write.")] = Path("adapters/knn-gates.safetensors"),
@@ -48,20 +69,13 @@ def gate(
 ) -> None:
     """Fit the knn backend's per-head gates with the base model frozen. Half of the examples
     need memory (the key is deep in the document) and half do not (it is in the window)."""
-    from memlm.engine import MemoryLM
-    from memlm.train.adapter import save_adapter
-    from memlm.train.loop import train
-    from memlm.train.methods import freeze_all_but, gate_loss
+    from memlm.train.methods import gate_loss
 
-    lm = MemoryLM.load(model=model, backend="knn", store="memory", dtype=_dtype(device), device=device,
-                       default_adapter=False)  # fmt: skip
-    gates = {"gate_bias": lm.backend.gate_bias}
-    freeze_all_but(lm, gates)
+    lm = _untrained(model, "knn", device)
     with_memory, without = gate_loss(lm, length, True, seed), gate_loss(lm, length, False, seed)
     loss_fn = lambda index: (with_memory if index % 2 == 0 else without)(index)  # noqa: E731
     config = TrainConfig(steps=steps, lr=lr, accumulation=accumulation, seed=seed, checkpoint=checkpoint)
-    result = train(loss_fn, gates, config)
-    typer.echo(f"wrote {save_adapter(lm, out, 'knn-gates', _provenance(seed, result))}")
+    _fit(lm, {"gate_bias": lm.backend.gate_bias}, loss_fn, "knn-gates", out, config)
 
 
 @train_app.command("fot")
@@ -83,14 +97,11 @@ def fot(
     """Focused Transformer crossbatch training of LoRA adapters on the memory layers."""
     import itertools
 
-    from memlm.engine import MemoryLM
-    from memlm.train.adapter import add_lora, save_adapter
+    from memlm.train.adapter import add_lora
     from memlm.train.data import generated_document, packed_documents
-    from memlm.train.loop import train
-    from memlm.train.methods import crossbatch_loss, freeze_all_but
+    from memlm.train.methods import crossbatch_loss
 
-    lm = MemoryLM.load(model=model, backend="fot", store="memory", dtype=_dtype(device), device=device,
-                       default_adapter=False)  # fmt: skip
+    lm = _untrained(model, "fot", device)
     length = context_len + target_len
     if data is None:
         document = lambda index: generated_document(lm.tokenizer, length, index)  # noqa: E731
@@ -100,11 +111,9 @@ def fot(
             raise typer.BadParameter(f"no document of {length} tokens in {data}")
         document = lambda index: cached[index % len(cached)]  # noqa: E731
     params = add_lora(lm, rank=rank, alpha=2.0 * rank)
-    freeze_all_but(lm, params)
     loss_fn = crossbatch_loss(lm, document, context_len, steps * accumulation, max_docs)
     config = TrainConfig(steps=steps, lr=lr, accumulation=accumulation, seed=seed, checkpoint=checkpoint)
-    result = train(loss_fn, params, config)
-    typer.echo(f"wrote {save_adapter(lm, out, 'fot-lora', _provenance(seed, result))}")
+    _fit(lm, params, loss_fn, "fot-lora", out, config)
 
 
 @train_app.command("rmt")
@@ -126,18 +135,13 @@ def rmt(
     """Recurrent Memory Transformer: train the memory tokens (and LoRA) by backpropagation
     through time on generated passkey and BABILong-style documents; the number of segments
     grows from 1 to max_segments over the run."""
-    from memlm.engine import MemoryLM
-    from memlm.train.adapter import add_lora, save_adapter
-    from memlm.train.loop import train
-    from memlm.train.methods import freeze_all_but, recurrent_loss
+    from memlm.train.adapter import add_lora
+    from memlm.train.methods import recurrent_loss
 
-    lm = MemoryLM.load(model=model, backend="rmt", store="memory", dtype=_dtype(device), device=device,
-                       segment_len=segment_len, num_mem_tokens=num_mem_tokens, default_adapter=False)  # fmt: skip
+    lm = _untrained(model, "rmt", device, segment_len=segment_len, num_mem_tokens=num_mem_tokens)
     params = dict(lm.backend.named_parameters())  # the initial memory tokens
     if rank > 0:
         params |= add_lora(lm, rank=rank, alpha=2.0 * rank, layers=list(range(lm.shape.num_layers)))
-    freeze_all_but(lm, params)
     loss_fn = recurrent_loss(lm, steps * accumulation, max_segments, bptt, seed)
     config = TrainConfig(steps=steps, lr=lr, accumulation=accumulation, seed=seed, checkpoint=checkpoint)
-    result = train(loss_fn, params, config)
-    typer.echo(f"wrote {save_adapter(lm, out, 'rmt', _provenance(seed, result))}")
+    _fit(lm, params, loss_fn, "rmt", out, config)
