@@ -39,8 +39,11 @@ def _untrained(model: str | None, backend: str, device: str, **settings):
     adapter (training starts from the untrained backend)."""
     from memlm.engine import MemoryLM
 
-    return MemoryLM.load(model=model, backend=backend, store="memory", dtype=_dtype(device), device=device,
-                         default_adapter=False, **settings)  # fmt: skip
+    try:
+        return MemoryLM.load(model=model, backend=backend, store="memory", dtype=_dtype(device), device=device,
+                             default_adapter=False, **settings)  # fmt: skip
+    except ValueError as error:  # a bad setting or model: say which, without a trace
+        raise typer.BadParameter(str(error)) from None
 
 
 def _fit(lm, params: dict, loss_fn, kind: str, out: Path, config: TrainConfig) -> None:
