@@ -9,6 +9,7 @@ from typing import Literal
 Backend = Literal["fot", "knn", "xl", "rmt"]
 PositionMode = Literal["window", "zero", "exact"]
 BACKENDS: tuple[str, ...] = ("fot", "knn", "xl", "rmt")
+RMT_WRITE_PROMPT_LEN = 4  # trained embeddings after each rmt segment, before its notes (memlm/memory/recurrent.py)
 POSITION_MODES: tuple[str, ...] = ("window", "zero", "exact")
 
 
@@ -42,8 +43,8 @@ class MemoryConfig:
     gate_init: float = 0.0
     # Storage precision of memory keys and values.
     memory_dtype: Literal["float16", "float32"] = "float16"
-    # Memory vectors the rmt backend carries from segment to segment (read and written).
-    num_mem_tokens: int = 16
+    # Tokens of notes the rmt backend carries from segment to segment (read and written).
+    num_mem_tokens: int = 64
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -73,8 +74,8 @@ class MemoryConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.sink_len < 0 or self.local_len < 0:
             raise ValueError("sink_len and local_len must be >= 0")
-        if self.backend == "rmt":  # [sink ; memory ; segment ; memory]
-            window = 1 + self.segment_len + 2 * self.num_mem_tokens
+        if self.backend == "rmt":  # [sink ; notes ; segment ; write prompt ; new notes]
+            window = 1 + self.segment_len + RMT_WRITE_PROMPT_LEN + 2 * self.num_mem_tokens
         else:
             window = self.sink_len + 1 + self.local_len + self.block_len + self.segment_len
         if self.position_mode != "exact" and window > max_positions:

@@ -51,6 +51,9 @@ class Task:
     # listing every candidate does not count as knowing which one is right.
     distractors: tuple[str, ...] = ()
     answer_tokens: int = 8  # new tokens enough to hold the answer
+    # The sentences of the document worth noting, in document order, as written there: what
+    # an rmt memory is trained to write down (memlm/train/methods.py).
+    facts: tuple[str, ...] = ()
 
     def score(self, output: str) -> bool:
         if self.answers:
@@ -81,7 +84,8 @@ def passkey(num_tokens: int, depth: float, seed: int, tokens_per_char: float = 0
     before = int(repeats * depth)
     document = FILLER * before + needle + FILLER * (repeats - before)
     question = "What is the pass key?"
-    return Task(document, question, key, depth, prompt="What is the pass key? The pass key is", kind="passkey")
+    return Task(document, question, key, depth, prompt="What is the pass key? The pass key is", kind="passkey",
+                facts=(f"The pass key is {key}.",))
 
 
 def _scatter(filler: list[str], facts: list[tuple[float, str]]) -> str:
@@ -243,9 +247,10 @@ def babilong(
             prompt = f"Question: {question}\nAnswer: The {thing} is in the"
             questions.append(("babilong-2fact", question, prompt, depth, room))
     document = _scatter(prose(rng, int(num_tokens / tokens_per_char)), facts)
+    noted = tuple(fact for _, fact in sorted(facts, key=lambda item: item[0]))
     return [
         Task(document, question, room, depth, prompt=prompt, kind=kind,
-             distractors=tuple(sorted(set(rooms) - {room})))  # fmt: skip
+             distractors=tuple(sorted(set(rooms) - {room})), facts=noted)  # fmt: skip
         for kind, question, prompt, depth, room in questions
     ]
 

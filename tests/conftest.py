@@ -48,8 +48,11 @@ class TinyTokenizer:
     eos_token_id = 127
     vocab_size = 128
 
-    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
-        return {"input_ids": [b % 120 for b in text.encode()]}
+    def __call__(self, text: str, add_special_tokens: bool = False, return_offsets_mapping: bool = False) -> dict:
+        encoded = {"input_ids": [b % 120 for b in text.encode()]}
+        if return_offsets_mapping:  # ASCII text: byte i is character i
+            encoded["offset_mapping"] = [(i, i + 1) for i in range(len(encoded["input_ids"]))]
+        return encoded
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return "".join(chr(65 + i % 26) for i in ids)

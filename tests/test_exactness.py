@@ -129,40 +129,60 @@ def test_xl_cache_carries_no_gradient() -> None:
 # -- rmt ----------------------------------------------------------------------------------
 
 
-def test_rmt_segment_is_the_stock_model_on_memory_segment_memory() -> None:
-    """An rmt ingest segment is the unchanged model run on [sink ; memory ; tokens ; memory]."""
-    lm = tiny_lm(backend="rmt", segment_len=16, num_mem_tokens=3)
-    ids = torch.randint(0, 120, (16,), generator=torch.Generator().manual_seed(4)).tolist()
+def stock_greedy_notes(model, inputs: torch.Tensor, max_notes: int, end: int) -> list[int]:
+    """What the stock model writes after `inputs` (T, hidden), greedily, without a cache."""
+    notes: list[int] = []
+    embed = model.get_input_embeddings()
+    while len(notes) < max_notes:
+        x = torch.cat([inputs, embed(torch.tensor(notes, dtype=torch.long))]).unsqueeze(0)
+        next_id = int(model(inputs_embeds=x).logits[0, -1].argmax())
+        if next_id == end:
+            break
+        notes.append(next_id)
+    return notes
+
+
+def test_rmt_segments_are_the_stock_model_on_notes_segment_write_prompt() -> None:
+    """Each rmt ingest segment is the unchanged model run on [sink ; notes ; tokens ; write
+    prompt], the notes it adds are the stock model's greedy continuation of that, and the
+    memory keeps the last num_mem_tokens notes."""
+    lm = tiny_lm(backend="rmt", segment_len=16, num_mem_tokens=5)
+    ids = torch.randint(0, 120, (32,), generator=torch.Generator().manual_seed(4)).tolist()
     logits = lm.ingest_tokens(ids, "doc", progress=False, return_logits=True).logits
     model = tiny_model()
-    memory = lm.backend.memory.detach()
+    prompt, end = lm.backend.write_prompt.detach(), lm.backend.end_token_id
+    notes: list[int] = []
     with torch.no_grad():
         embed = model.get_input_embeddings()
-        sink = embed(torch.tensor([model.config.bos_token_id]))
-        inputs = torch.cat([sink, memory, embed(torch.tensor(ids)), memory]).unsqueeze(0)
-        out = model(inputs_embeds=inputs, output_hidden_states=True)
-    torch.testing.assert_close(logits, out.logits[0, 4:-3])
-    state = lm.store.load_state("doc")["rmt_state"]
-    torch.testing.assert_close(torch.from_numpy(state), lm.backend.written(model, out.hidden_states[-1][0, -3:]).detach())
+        for number, start in enumerate(range(0, 32, 16)):
+            read = embed(torch.tensor([model.config.bos_token_id, *notes]))
+            inputs = torch.cat([read, embed(torch.tensor(ids[start : start + 16])), prompt])
+            expected = model(inputs_embeds=inputs.unsqueeze(0)).logits[0, len(read) : len(read) + 16]
+            torch.testing.assert_close(logits[start : start + 16], expected)
+            notes = (notes + stock_greedy_notes(model, inputs, 5, end))[-5:]
+    assert lm.store.load_state("doc")["rmt_notes"].tolist() == notes and len(notes) == 5
 
 
-def test_rmt_gradients_reach_memory_tokens_through_three_segments() -> None:
-    """A loss on what a generation reads after three segments reaches the initial memory
-    tokens, and only through the memory: cut the recurrence and the gradient is gone."""
-    lm = tiny_lm(backend="rmt", segment_len=8, num_mem_tokens=2)
+def test_rmt_answer_gradient_reaches_the_first_write_through_three_segments() -> None:
+    """In training, a loss on what a generation reads after three segments reaches the write
+    prompt through the notes the first segment wrote (the later ones write none), and only
+    through them: cut the recurrence after the first segment and the gradient is gone."""
+    lm = tiny_lm(backend="rmt", segment_len=8, num_mem_tokens=4)
     ids = torch.randint(0, 120, (24,), generator=torch.Generator().manual_seed(5)).tolist()
 
-    def grad_of_answer(cut_after_first: bool) -> torch.Tensor:
-        lm.backend.memory.grad = None
+    def grad_of_answer(cut_after_first: bool) -> torch.Tensor | None:
+        lm.backend.write_prompt.grad = None
         writer = lm._new_session("x", writes=True, state=None)
         for number, start in enumerate(range(0, 24, 8)):
-            writer.forward(ids[start : start + 8], logits="none")
+            writer.learn(ids[start : start + 8], notes=[5, 6] if number == 0 else [])
             if number == 0 and cut_after_first:
-                writer.memory_state = writer.memory_state.detach()
+                writer.cut()
+        assert writer.notes == [5, 6]
         logits = writer.reader().forward([1, 2, 3], logits="all")
         logits[-1, 7].backward()
-        return lm.backend.memory.grad
+        return lm.backend.write_prompt.grad
 
     grad = grad_of_answer(cut_after_first=False)
     assert grad is not None and grad.abs().sum() > 0
-    assert grad_of_answer(cut_after_first=True) is None
+    cut = grad_of_answer(cut_after_first=True)
+    assert cut is None or cut.abs().sum() == 0

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_lm
+from conftest import TinyTokenizer, tiny_lm
 
 from memlm.engine import MemoryLM
 from memlm.store import FaissStore
+from memlm.tasks import Task, babilong
 from memlm.train.adapter import add_lora, load_adapter, save_adapter
 from memlm.train.loop import TrainConfig, train
 from memlm.train.methods import (
@@ -17,6 +18,7 @@ from memlm.train.methods import (
     freeze_all_but,
     gate_loss,
     recurrent_loss,
+    segment_notes,
 )
 
 SMALL = dict(segment_len=16, sink_len=4, local_len=16, block_len=4, top_k=4)
@@ -116,6 +118,19 @@ def rmt_lm(seed: int = 0):
     return lm, params
 
 
+def test_rmt_write_targets_are_the_facts_of_each_segment() -> None:
+    """Each fact is a target of the segment holding its last token, in document order; a
+    fact-free segment's target is empty (the write should only end)."""
+    first, second, third = "Mary went to the garden.", "The pass key is 12345.", "Bill took the milk."
+    filler = "x" * 20
+    document = f"{filler}{first}{filler}{filler}{second} {third}{filler}"  # one token per character
+    task = Task(document, "q", "a", facts=(third, first, second, "Not in the document."))
+    tokenize = lambda text: TinyTokenizer()(text)["input_ids"]  # noqa: E731
+    ids, notes = segment_notes(TinyTokenizer(), task, segment_len=32)
+    assert ids == tokenize(document)
+    assert notes == [[], tokenize(f" {first}"), [], tokenize(f" {second} {third}"), []]
+
+
 def test_rmt_training_lowers_the_loss() -> None:
     """Backpropagation through time on two fixed documents: the loop must fit them."""
     lm, params = rmt_lm()
@@ -157,6 +172,18 @@ def test_gate_training_moves_gates_toward_memory_only_when_memory_is_needed() ->
         return lm.backend.gate_bias.mean().item()
 
     assert trained_gates(needs_memory=True) > -1.0 > trained_gates(needs_memory=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_shipped_rmt_notes_the_facts_and_answers_from_its_notes(seed: int) -> None:
+    """The shipped rmt adapter on held-out BABILong documents of three segments (seeds below
+    the training seeds): its notes are exactly the document's facts, and it answers from them."""
+    lm = MemoryLM.load(backend="rmt", store=FaissStore(None))
+    (task,) = babilong(3000, [0.3], seed=seed)
+    lm.ingest(task.document, "doc", progress=False)
+    assert lm.tokenizer.decode(lm.store.load_state("doc")["rmt_notes"]) == " " + " ".join(task.facts)
+    assert task.answer in lm.generate(task.prompt, memory="doc", max_new_tokens=4, chat=False)
 
 
 @pytest.mark.slow

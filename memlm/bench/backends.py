@@ -9,7 +9,7 @@ with their costs.
   document in memory against an empty memory (memlm/bench/passkey.py `throughput`).
 
 Where a backend's reach ends shows in the accuracy: `xl` recalls nothing older than its
-`mem_len` (the local window), `rmt` only what its memory tokens carried forward, `fot`/`knn`
+`mem_len` (the local window), `rmt` only what it wrote into its notes, `fot`/`knn`
 whatever retrieval finds. Writes `<name>.json`, `<name>.png` (heat maps),
 `<name>_accuracy.png` and `<name>_speed.png`.
 """

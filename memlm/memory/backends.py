@@ -10,8 +10,8 @@ g = sigmoid(b): out = g * memory + (1 - g) * local.
 `xl` (Transformer-XL): no vector memory; the recurrent cache of the last `local_len` tokens
 (the session's local window) is the memory.
 
-`rmt` (Recurrent Memory Transformer): memory tokens carried from segment to segment
-(memlm/memory/recurrent.py); no vector memory either.
+`rmt` (Recurrent Memory Transformer): notes the model writes after each segment and reads
+before the next (memlm/memory/recurrent.py); no vector memory either.
 """
 
 from __future__ import annotations

@@ -1,32 +1,37 @@
 """`rmt` backend: the Recurrent Memory Transformer in its decoder form (Bulatov et al. 2022,
-"Recurrent Memory Transformer"; 2023, "Scaling Transformer to 1M tokens and beyond with RMT").
+"Recurrent Memory Transformer"; 2023, "Scaling Transformer to 1M tokens and beyond with RMT"),
+with a memory made of notes: up to `num_mem_tokens` tokens the model writes itself.
 
-A memory is `num_mem_tokens` vectors in the model's input-embedding space. Ingest runs every
-segment, with plain causal attention, as
+Ingest runs every segment, with plain causal attention, as
 
-    [sink token ; memory (read) ; segment tokens ; memory (write)]
+    [sink token ; memory (read) ; segment tokens ; write prompt -> new notes]
 
-and the last hidden states at the write positions become the memory for the next segment:
-the write tokens have seen the whole segment and the old memory, so they can carry forward
-whatever later segments will need. A generation runs `[sink token ; memory ; prompt ;
-generated tokens]`. The memory state, a (num_mem_tokens, hidden) tensor, is all that survives
-a segment; it is saved under the memory's name, so `ingest` and `ask` can be separate calls
-and processes.
+where the write prompt is a few trained embeddings (the "memory tokens" training fits), and
+the model then writes, token by token, what the segment adds to its notes (usually nothing:
+the end token). The new notes join the memory, which keeps its last `num_mem_tokens` tokens.
+A generation runs `[sink token ; memory ; prompt ; generated tokens]`. The memory is all that
+survives a segment; it is saved under the memory's name (token ids), so `ingest` and `ask`
+can be separate calls and processes.
 
-One departure from the paper, which feeds the raw hidden states back and fine-tunes the whole
-model: here each write position's hidden state goes through the LM head, and the memory
-vector is the expected input embedding under that next-token distribution (a "soft token").
-Raw last hidden states lie far from anything a frozen first layer has seen (SmolLM2: norm
-~50 against ~3.2 for embeddings, and other directions): reading them raised the answer loss
-of the embedded model from 3.7-7.6 to 9.7-18.7 after one segment, even rescaled to the
-embeddings' norm. Soft tokens at temperature 1 blend many embeddings into a short vector
-(loss 8-16); at WRITE_TEMPERATURE = 0.3 they stay near real tokens (loss 3.7-8.9, against
-3.7-7.5 reading the untrained initial memory), so training (LoRA + memory tokens, base
-frozen) starts from a model that still works.
-
-The initial memory is a trained parameter (`memlm train rmt`, with LoRA on attention); with
-the base model frozen and no training, the model has never learnt to write what later
-segments need into the memory, and the backend is no better than the plain model.
+Departures from the paper, which feeds the write positions' raw hidden states back as the
+next memory and fine-tunes the whole model, each measured on the embedded model
+(SmolLM2-135M, base frozen, LoRA on attention):
+- Raw hidden states lie far from anything the frozen first layer has seen (norm ~50 against
+  ~3.2 for embeddings): reading them raised the answer loss from 3.7-7.6 to 9.7-18.7.
+- Memory vectors kept near real tokens (the LM head's distribution at temperature 0.3 times
+  the embedding matrix), written in parallel at fixed write positions and trained by
+  backpropagation through time alone, never learnt to carry a pass key through one segment:
+  the answer loss stayed at the guessing level (1.92 on the five digits) after 120-240 steps,
+  with or without an extra learnt linear path from the hidden states, and so did a learnt
+  pointer that copies segment tokens into the memory.
+- Read as plain text, the notes "The pass key is 71432." take the frozen model's answer loss
+  to 0.18; and writing the facts of a 512-token segment as notes, trained with the notes as
+  targets, reached 7/12 exact after 150 steps (3.7 min on this CPU).
+So the memory is written autoregressively as tokens, trained with the generator's facts as
+targets (teacher forcing) plus the answer's loss through the memory: in training the notes a
+later segment reads are the target tokens' embeddings with the gradient of the write's soft
+token (straight-through), so the answer's loss still flows back through every segment's
+write (truncated backpropagation through time).
 """
 
 from __future__ import annotations
@@ -36,122 +41,162 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from memlm.config import RMT_WRITE_PROMPT_LEN
 from memlm.memory.attention import Attended
 
-WRITE_TEMPERATURE = 0.3  # of the soft tokens the memory is written as (measured above)
+WRITE_TEMPERATURE = 0.3  # of the soft tokens that carry the gradient through the notes in training
+
+
+def _first_id(value) -> int | None:
+    return value[0] if isinstance(value, list) else value
 
 
 class RecurrentMemoryTokens(nn.Module):
-    """The trained initial memory of the `rmt` backend."""
+    """The trained write prompt of the `rmt` backend, and its token settings."""
 
     name = "rmt"
 
     @classmethod
     def for_model(cls, model, num_mem_tokens: int) -> RecurrentMemoryTokens:
-        """Memory tokens for a transformers model; its BOS (else EOS, what separates its
-        documents) is the attention-sink token."""
+        """Memory for a transformers model; its BOS (else EOS, what separates its documents)
+        is the attention-sink token, its EOS ends a write."""
         config = model.config
-        sink = next((t for t in (config.bos_token_id, config.eos_token_id) if t is not None), 0)
-        sink = sink[0] if isinstance(sink, list) else sink
-        return cls(model.get_input_embeddings().weight, num_mem_tokens, sink)
+        bos, eos = _first_id(config.bos_token_id), _first_id(config.eos_token_id)
+        sink = next((t for t in (bos, eos) if t is not None), 0)
+        end = eos if eos is not None else sink
+        return cls(model.get_input_embeddings().weight, num_mem_tokens, sink, end)
 
-    def __init__(self, embeddings: torch.Tensor, num_mem_tokens: int, sink_token_id: int, seed: int = 0):
-        """`embeddings` (vocab, hidden): the model's input embeddings. The memory starts as
-        random rows of it, so it has the scale the model's first layer expects.
-        `sink_token_id`: a real token put before the memory at position 0, where the model
-        parks attention it does not need (attention sink); a soft memory vector there
-        derails it."""
+    def __init__(self, embeddings: torch.Tensor, num_mem_tokens: int, sink_token_id: int, end_token_id: int,
+                 seed: int = 0):  # fmt: skip
+        """`embeddings` (vocab, hidden): the model's input embeddings; the write prompt starts
+        as random rows of it, so it has the scale the first layer expects.
+        `sink_token_id`: a real token at position 0, where the model parks attention it does
+        not need (attention sink). `end_token_id`: what a write emits when it has no more to note."""
         super().__init__()
-        self.sink_token_id = sink_token_id
-        rows = torch.randint(0, embeddings.shape[0], (num_mem_tokens,), generator=torch.Generator().manual_seed(seed))
-        self.memory = nn.Parameter(embeddings[rows].detach().float().clone())  # (M, hidden)
-
-    @staticmethod
-    def written(model, hidden: torch.Tensor) -> torch.Tensor:
-        """The next memory from the (M, hidden) last hidden states at the write positions:
-        the expected input embedding under each position's next-token distribution."""
-        probs = torch.softmax(model.lm_head(hidden).float() / WRITE_TEMPERATURE, dim=-1)  # (M, vocab)
-        return probs @ model.get_input_embeddings().weight.float()  # (M, hidden)
-
-    @property
-    def num_mem_tokens(self) -> int:
-        return self.memory.shape[0]
+        self.num_mem_tokens, self.sink_token_id, self.end_token_id = num_mem_tokens, sink_token_id, end_token_id
+        generator = torch.Generator().manual_seed(seed)
+        rows = torch.randint(0, embeddings.shape[0], (RMT_WRITE_PROMPT_LEN,), generator=generator)
+        self.write_prompt = nn.Parameter(embeddings[rows].detach().float().clone())  # (P, hidden)
 
     def combine(self, layer: int, local: Attended, memory: Attended) -> torch.Tensor:
         raise RuntimeError("the rmt backend reads no vector memory")
 
 
 class RecurrentSession:
-    """One pass over an rmt memory. Writing (ingest): every `forward` is one segment and moves
-    the memory state on. Reading (generation): the first `forward` is prefixed with the memory
-    state, later ones continue from the key/value cache."""
+    """One pass over an rmt memory. Writing (ingest): every `forward` is one segment and adds
+    its notes to the memory. Reading (generation): the first `forward` is prefixed with the
+    memory, later ones continue from the key/value cache. `learn` is a training write."""
 
     def __init__(self, rmt: RecurrentMemoryTokens, model, writes: bool, state: dict[str, np.ndarray] | None = None):
         self.rmt, self.model, self.writes = rmt, model, writes
         self.retrieved: dict = {}  # nothing is retrieved: kept for the engine's common interface
-        if state is None:
-            self.memory_state: torch.Tensor | None = None  # None: the trained initial memory
-            self.token_ids: list[int] = []
-        else:
-            self.memory_state = torch.from_numpy(state["rmt_state"].astype(np.float32))
-            self.token_ids = state["token_ids"].tolist()
+        self.notes: list[int] = [] if state is None else state["rmt_notes"].tolist()
+        self.token_ids: list[int] = [] if state is None else state["token_ids"].tolist()
+        # Training only: the notes' embeddings with a gradient path to the writes that made them.
+        self._note_vectors: torch.Tensor | None = None
         self._cache: DynamicCache | None = None
         self._next_position = 0
 
-    @property
-    def current_memory(self) -> torch.Tensor:
-        """(M, hidden): what the next segment or prompt reads."""
-        return self.rmt.memory if self.memory_state is None else self.memory_state
+    def _embed(self, token_ids: list[int]) -> torch.Tensor:
+        embed = self.model.get_input_embeddings()
+        return embed(torch.tensor(token_ids, dtype=torch.long, device=self.model.device))  # (T, hidden)
+
+    def memory(self) -> torch.Tensor:
+        """(1 + N, hidden): the sink token and the N <= num_mem_tokens notes a segment or prompt reads."""
+        notes = self._note_vectors if self._note_vectors is not None else self._embed(self.notes)
+        return torch.cat([self._embed([self.rmt.sink_token_id]), notes.to(self.model.dtype)])
 
     @property
     def window_end(self) -> int:
         """Positions a generation has used before its prompt (the memory prefix)."""
-        return 1 + self.rmt.num_mem_tokens if self._cache is None else self._next_position
+        return 1 + len(self.notes) if self._cache is None else self._next_position
 
     def positions_for(self, num_new: int) -> torch.Tensor:
         return torch.arange(self.window_end, self.window_end + num_new)
 
-    def forward(self, token_ids: list[int], logits: str) -> torch.Tensor | None:
-        """Run tokens (a segment when writing, a prompt or the next token when reading).
-        `logits` "none", "last" or "all" as in `MemoryLM._forward`."""
-        device, dtype = self.model.device, self.model.dtype
-        embed = self.model.get_input_embeddings()
-        tokens = embed(torch.tensor([token_ids], device=device))  # (1, T, hidden)
-        memory = self.current_memory.to(device, dtype).unsqueeze(0)  # (1, M, hidden)
-        sink = embed(torch.tensor([[self.rmt.sink_token_id]], device=device))  # (1, 1, hidden)
-        if self.writes:
-            inputs = torch.cat([sink, memory, tokens, memory], dim=1)  # (1, 1 + M + T + M, hidden)
-            positions = torch.arange(inputs.shape[1], device=device).unsqueeze(0)
-            hidden = self.model.model(inputs_embeds=inputs, position_ids=positions, use_cache=False).last_hidden_state
-            self.memory_state = self.rmt.written(self.model, hidden[0, -memory.shape[1] :])  # the write positions, (M, hidden)
-            self.token_ids.extend(token_ids)
-            token_hidden = hidden[:, 1 + memory.shape[1] : -memory.shape[1]]
-        else:
-            if self._cache is None:
-                inputs, self._cache, self._next_position = torch.cat([sink, memory, tokens], dim=1), DynamicCache(), 0
-            else:
-                inputs = tokens
-            positions = torch.arange(self._next_position, self._next_position + inputs.shape[1], device=device)
-            out = self.model.model(
-                inputs_embeds=inputs, position_ids=positions.unsqueeze(0), past_key_values=self._cache, use_cache=True
-            )
-            self._next_position += inputs.shape[1]
-            token_hidden = out.last_hidden_state[:, -len(token_ids) :]
+    def _run(self, inputs: torch.Tensor, start: int, cache: DynamicCache | None = None) -> torch.Tensor:
+        """Last hidden states (T, hidden) of input embeddings (T, hidden) at positions start.."""
+        positions = torch.arange(start, start + inputs.shape[0], device=self.model.device).unsqueeze(0)
+        out = self.model.model(inputs_embeds=inputs.unsqueeze(0), position_ids=positions, past_key_values=cache,
+                               use_cache=cache is not None)  # fmt: skip
+        return out.last_hidden_state[0]
+
+    def _logits(self, hidden: torch.Tensor, logits: str) -> torch.Tensor | None:
         if logits == "none":
             return None
-        if logits == "last":
-            token_hidden = token_hidden[:, -1:]
-        return self.model.lm_head(token_hidden)[0].float()
+        return self.model.lm_head(hidden[-1:] if logits == "last" else hidden).float()
+
+    def forward(self, token_ids: list[int], logits: str) -> torch.Tensor | None:
+        """Run tokens (a segment when writing, a prompt or the next token when reading).
+        `logits` "none", "last" or "all" as in `MemoryLM._forward`: of `token_ids` only."""
+        if self.writes:
+            return self._write(token_ids, logits)
+        if self._cache is None:  # the first call reads the memory, then the cache holds it
+            self._cache = DynamicCache()
+            inputs = torch.cat([self.memory(), self._embed(token_ids)])
+        else:
+            inputs = self._embed(token_ids)
+        hidden = self._run(inputs, self._next_position, self._cache)
+        self._next_position += inputs.shape[0]
+        return self._logits(hidden[-len(token_ids) :], logits)
+
+    def _write(self, token_ids: list[int], logits: str) -> torch.Tensor | None:
+        """One ingest segment: read, then write notes greedily until the end token."""
+        memory = self.memory()
+        prefix = torch.cat([memory, self._embed(token_ids), self.rmt.write_prompt.to(self.model.dtype)])
+        cache = DynamicCache()
+        hidden = self._run(prefix, 0, cache)
+        token_hidden = hidden[memory.shape[0] : memory.shape[0] + len(token_ids)]
+        new_notes: list[int] = []
+        last, position = hidden[-1:], prefix.shape[0]
+        while len(new_notes) < self.rmt.num_mem_tokens:
+            next_id = int(self.model.lm_head(last).argmax(-1))
+            if next_id == self.rmt.end_token_id:
+                break
+            new_notes.append(next_id)
+            last = self._run(self._embed([next_id]), position, cache)
+            position += 1
+        self._keep(self.notes + new_notes, None)
+        self.token_ids.extend(token_ids)
+        return self._logits(token_hidden, logits)
+
+    def learn(self, token_ids: list[int], notes: list[int]) -> torch.Tensor:
+        """A training write: the segment, then `notes` (what it should add) teacher-forced.
+        Returns the write's logits (len(notes) + 1, vocab) for the notes and the end token.
+        The notes join the memory as their embeddings, carrying the gradient of each write
+        position's soft token (straight-through), so later losses reach this write."""
+        memory = self.memory()
+        write_prompt = self.rmt.write_prompt.to(self.model.dtype)
+        prefix = torch.cat([memory, self._embed(token_ids), write_prompt, self._embed(notes)])
+        hidden = self._run(prefix, 0)
+        write_logits = self.model.lm_head(hidden[-len(notes) - 1 :]).float()  # (len(notes) + 1, vocab)
+        embeddings = self.model.get_input_embeddings().weight
+        soft = torch.softmax(write_logits[:-1] / WRITE_TEMPERATURE, dim=-1) @ embeddings.float()  # (len(notes), hidden)
+        hard = embeddings[torch.tensor(notes, dtype=torch.long, device=embeddings.device)].float()
+        self._keep(self.notes + notes, torch.cat([memory[1:].float(), hard + soft - soft.detach()]))
+        self.token_ids.extend(token_ids)
+        return write_logits
+
+    def cut(self) -> None:
+        """Stop gradients from flowing into the writes so far (truncated BPTT)."""
+        if self._note_vectors is not None:
+            self._note_vectors = self._note_vectors.detach()
+
+    def _keep(self, notes: list[int], vectors: torch.Tensor | None) -> None:
+        """The memory keeps its last num_mem_tokens notes."""
+        self.notes = notes[-self.rmt.num_mem_tokens :]
+        self._note_vectors = None if vectors is None else vectors[len(vectors) - len(self.notes) :]
 
     def reader(self) -> RecurrentSession:
         """A reading session that continues from this one's memory, keeping its autograd graph
-        (training: the loss on an answer reaches back through every segment)."""
+        (training: the loss on an answer reaches back through every segment's write)."""
         session = RecurrentSession(self.rmt, self.model, writes=False)
-        session.memory_state, session.token_ids = self.memory_state, list(self.token_ids)
+        session.notes, session.token_ids = list(self.notes), list(self.token_ids)
+        session._note_vectors = self._note_vectors
         return session
 
     def state(self) -> dict[str, np.ndarray]:
         return {
-            "rmt_state": self.current_memory.detach().float().cpu().numpy(),
+            "rmt_notes": np.array(self.notes, dtype=np.int32),
             "token_ids": np.array(self.token_ids, dtype=np.int32),
         }

@@ -3,8 +3,8 @@ a copy of it. Two kinds:
 
 - `knn-gates`: the Memorizing-Transformer gate biases (layers x heads floats);
 - `fot-lora`: LoRA weights on the memory layers' attention projections (peft);
-- `rmt`: the RMT initial memory tokens, with LoRA weights on every layer's attention when
-  trained with them.
+- `rmt`: the RMT write prompt, with LoRA weights on every layer's attention when trained
+  with them.
 
 `MemoryLM.load(adapter=PATH)` and `load_adapter(lm, PATH)` apply either.
 """
@@ -62,7 +62,7 @@ def save_adapter(lm, path: str | Path, kind: str, provenance: dict) -> Path:
         extra = {"lora": lm.lora}
     elif kind == "rmt":
         lora = getattr(lm, "lora", None)
-        own = {name: p.detach().float().cpu().contiguous() for name, p in lm.backend.named_parameters()}  # memory, write_norm
+        own = {name: p.detach().float().cpu().contiguous() for name, p in lm.backend.named_parameters()}  # write_prompt
         tensors = {**own, **(_lora_tensors(lm) if lora else {})}
         extra = {"lora": lora, "rmt": {"num_mem_tokens": lm.config.num_mem_tokens, "segment_len": lm.config.segment_len}}
     else:
@@ -103,11 +103,11 @@ def load_adapter(lm, path: str | Path) -> str:
         _apply_lora(lm, lora, tensors)
     elif kind == "rmt":
         if not isinstance(lm.backend, RecurrentMemoryTokens):
-            raise ValueError(f"{path} holds RMT memory tokens; load it with backend='rmt'")
-        memory = tensors["memory"]
-        if memory.shape != lm.backend.memory.shape:
-            raise ValueError(f"{path} holds {memory.shape[0]} memory tokens of width {memory.shape[1]}; this model "
-                             f"is set to {tuple(lm.backend.memory.shape)}: set num_mem_tokens to match")  # fmt: skip
+            raise ValueError(f"{path} holds an RMT write prompt; load it with backend='rmt'")
+        trained = json.loads(metadata["rmt"])
+        if trained["num_mem_tokens"] != lm.config.num_mem_tokens:
+            raise ValueError(f"{path} was trained with num_mem_tokens={trained['num_mem_tokens']}; this model is set "
+                             f"to {lm.config.num_mem_tokens}: set num_mem_tokens to match")  # fmt: skip
         with torch.no_grad():
             for name, p in lm.backend.named_parameters():
                 p.copy_(tensors.pop(name))
@@ -117,3 +117,21 @@ def load_adapter(lm, path: str | Path) -> str:
     else:
         raise ValueError(f"{path} is not a memlm adapter (kind {kind!r})")
     return kind
+
+
+def describe(path: str | Path) -> str:
+    """How an adapter file was made: its kind, command, seed, steps and last losses."""
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    made = json.loads(metadata.get("provenance", "{}"))
+    losses = made.get("losses", [])
+    last = sum(losses[-10:]) / len(losses[-10:]) if losses else float("nan")
+    return (f"{path}: {metadata.get('kind')}, made by `{made.get('command')}` (seed {made.get('seed')}), "
+            f"{len(losses)} steps, {made.get('seconds', 0) / 60:.0f} min, mean loss of the last 10 steps {last:.3f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    import sys
+
+    for argument in sys.argv[1:]:
+        print(describe(argument))

@@ -124,9 +124,9 @@ def rmt(
     out: Annotated[Path, typer.Option(help="Adapter file to write.")] = Path("adapters/rmt.safetensors"),
     steps: StepsOpt = 300,
     segment_len: Annotated[int, typer.Option(help="Tokens per segment (use the same when reading).")] = 1024,
-    num_mem_tokens: Annotated[int, typer.Option(help="Memory tokens carried between segments.")] = 16,
-    max_segments: Annotated[int, typer.Option(help="Document segments at the end of the curriculum.")] = 4,
-    bptt: Annotated[int, typer.Option(help="Segments that gradients flow back through (truncated BPTT).")] = 4,
+    num_mem_tokens: Annotated[int, typer.Option(help="Tokens of notes carried between segments.")] = 64,
+    max_segments: Annotated[int, typer.Option(help="Document segments at the end of the curriculum.")] = 3,
+    bptt: Annotated[int, typer.Option(help="Segments that gradients flow back through (truncated BPTT).")] = 3,
     rank: Annotated[int, typer.Option(help="LoRA rank on every layer's attention (0: memory tokens only).")] = 8,
     lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
     accumulation: Annotated[int, typer.Option(help="Examples per step.")] = 1,
@@ -135,14 +135,15 @@ def rmt(
     model: ModelOpt = None,
     device: DeviceOpt = "cpu",
 ) -> None:
-    """Recurrent Memory Transformer: train the memory tokens (and LoRA) by backpropagation
-    through time on generated passkey and BABILong-style documents; the number of segments
-    grows from 1 to max_segments over the run."""
+    """Recurrent Memory Transformer: train the write prompt (and LoRA) to write each
+    segment's facts as notes and to answer from them, by backpropagation through time on
+    generated passkey and BABILong-style documents; the number of segments grows from 1 to
+    max_segments over the run."""
     from memlm.train.adapter import add_lora
     from memlm.train.methods import recurrent_loss
 
     lm = _untrained(model, "rmt", device, segment_len=segment_len, num_mem_tokens=num_mem_tokens)
-    params = dict(lm.backend.named_parameters())  # the initial memory tokens
+    params = dict(lm.backend.named_parameters())  # the write prompt
     if rank > 0:
         params |= add_lora(lm, rank=rank, alpha=2.0 * rank, layers=list(range(lm.shape.num_layers)))
     loss_fn = recurrent_loss(lm, steps * accumulation, max_segments, bptt, seed)

@@ -7,9 +7,10 @@ read-only `MemorySession` runs the tokens to learn from with gradients on.
 - `crossbatch_loss`: Focused Transformer crossbatch. In the memory layers each document
   attends, in one softmax with its local keys, to its own previous context (positives) and
   to the previous contexts of d-1 other documents of the batch (negatives).
-- `recurrent_loss`: RMT. A generated document is ingested segment by segment with autograd
-  on (truncated backpropagation through time), then the loss of the answer to its question,
-  read through the final memory state, flows back through the memory tokens of every segment.
+- `recurrent_loss`: RMT. A generated document is written segment by segment into notes with
+  autograd on: each write learns the facts of its segment as targets, and the loss of the
+  answer, read through the final notes, flows back through the writes of the last segments
+  (truncated backpropagation through time).
 """
 
 from __future__ import annotations
@@ -141,39 +142,59 @@ def curriculum_segments(index: int, total: int, max_segments: int, min_segments:
 
 
 def recurrent_task(index: int, num_tokens: int, seed: int) -> Task:
-    """Training example `index`: a passkey or a BABILong single- or two-fact question, in
-    turn, its facts anywhere in the document (seeds far from the benchmarks')."""
+    """Training example `index`: a passkey or a BABILong question on a document of one to
+    four facts' questions (as the benchmarks ask), in turn, facts anywhere in the document
+    (seeds far from the benchmarks')."""
     rng = random.Random(seed * 7919 + index)
     task_seed = TRAIN_SEED_BASE + seed * 100_003 + index
     if index % 3 == 0:
         return passkey(num_tokens, depth=rng.uniform(0.0, 1.0), seed=task_seed)
-    return rng.choice(babilong(num_tokens, [rng.uniform(0.0, 0.9)], seed=task_seed))
+    depths = [rng.uniform(0.0, 0.9) for _ in range(rng.randint(1, 4))]
+    return rng.choice(babilong(num_tokens, depths, seed=task_seed))
+
+
+def segment_notes(tokenizer, task: Task, segment_len: int) -> tuple[list[int], list[list[int]]]:
+    """The document's token ids, and per segment the notes an rmt write should add: the
+    task's facts that end in that segment, in document order, after a space."""
+    encoded = tokenizer(task.document, add_special_tokens=False, return_offsets_mapping=True)
+    spans = sorted((start + len(fact), fact) for fact in task.facts if (start := task.document.find(fact)) >= 0)
+    token_ends = np.searchsorted([end for _, end in encoded["offset_mapping"]], [end for end, _ in spans])
+    per_segment: list[list[str]] = [[] for _ in range(0, len(encoded["input_ids"]), segment_len)]
+    for (_, fact), token_end in zip(spans, token_ends):  # the segment holding the fact's last token
+        per_segment[min(int(token_end) // segment_len, len(per_segment) - 1)].append(fact)
+    encode = lambda facts: tokenizer(" " + " ".join(facts), add_special_tokens=False)["input_ids"]  # noqa: E731
+    return encoded["input_ids"], [encode(facts) if facts else [] for facts in per_segment]
 
 
 def recurrent_loss(
     lm: MemoryLM, total_examples: int, max_segments: int, bptt: int, seed: int, min_segments: int = 1
 ) -> Callable[[int], tuple[torch.Tensor, int]]:
-    """RMT objective: cross-entropy of the answer after the document went through the memory
-    tokens segment by segment; gradients flow through the last `bptt` segments."""
+    """RMT objective on a generated document read segment by segment: every write's
+    cross-entropy against the notes it should add (the facts of its segment, then the end
+    token), plus the answer's cross-entropy read through the final memory, whose gradient
+    flows back through the notes written in the last `bptt` segments."""
     if lm.config.backend != "rmt":
         raise ValueError(f"recurrent_loss trains the rmt backend, not {lm.config.backend!r}")
-    segment_len = lm.config.segment_len
+    segment_len, end = lm.config.segment_len, lm.backend.end_token_id
 
     def loss(index: int) -> tuple[torch.Tensor, int]:
         segments = curriculum_segments(index, total_examples, max_segments, min_segments)
         # 5% short of the segment budget: the generators' token counts are estimates.
         task = recurrent_task(index, int(segments * segment_len * 0.95), seed)
-        document = lm.tokenizer(task.document, add_special_tokens=False)["input_ids"]
+        document, notes = segment_notes(lm.tokenizer, task, segment_len)
         writer: RecurrentSession = lm._new_session("train-rmt", writes=True, state=None)
-        starts = list(range(0, len(document), segment_len))
-        for number, start in enumerate(starts):
-            with torch.set_grad_enabled(number >= len(starts) - bptt):
-                writer.forward(document[start : start + segment_len], logits="none")
+        write_loss = torch.zeros((), device=lm.model.device)
+        for number, start in enumerate(range(0, len(document), segment_len)):
+            if number == len(notes) - bptt:
+                writer.cut()
+            target = notes[number] + [end]
+            logits = writer.learn(document[start : start + segment_len], notes[number])
+            write_loss = write_loss + F.cross_entropy(logits, torch.tensor(target, device=logits.device))
         prompt = lm.prompt_ids(task.prompt, chat=False)
         answer = lm.tokenizer(" " + task.answer, add_special_tokens=False)["input_ids"]
         logits = writer.reader().forward(prompt + answer, logits="all")
-        target = torch.tensor(answer, device=logits.device)
-        return F.cross_entropy(logits[len(prompt) - 1 : -1], target), len(document) + len(prompt) + len(answer)
+        answer_loss = F.cross_entropy(logits[len(prompt) - 1 : -1], torch.tensor(answer, device=logits.device))
+        return answer_loss + write_loss / len(notes), len(document) + len(prompt) + len(answer)
 
     return loss
 
