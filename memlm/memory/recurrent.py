@@ -143,7 +143,7 @@ class RecurrentSession:
     def _write(self, token_ids: list[int], logits: str) -> torch.Tensor | None:
         """One ingest segment: read, then write notes greedily until the end token."""
         memory = self.memory()
-        prefix = torch.cat([memory, self._embed(token_ids), self.rmt.write_prompt.to(self.model.dtype)])
+        prefix = torch.cat([memory, self._embed(token_ids), self.rmt.write_prompt.to(memory.dtype)])
         cache = DynamicCache()
         hidden = self._run(prefix, 0, cache)
         token_hidden = hidden[memory.shape[0] : memory.shape[0] + len(token_ids)]
@@ -165,15 +165,13 @@ class RecurrentSession:
         Returns the write's logits (len(notes) + 1, vocab) for the notes and the end token.
         The notes join the memory as their embeddings, carrying the gradient of each write
         position's soft token (straight-through), so later losses reach this write."""
-        memory = self.memory()
-        write_prompt = self.rmt.write_prompt.to(self.model.dtype)
-        prefix = torch.cat([memory, self._embed(token_ids), write_prompt, self._embed(notes)])
+        memory, hard = self.memory(), self._embed(notes)  # hard: the notes' embeddings, (len(notes), hidden)
+        prefix = torch.cat([memory, self._embed(token_ids), self.rmt.write_prompt.to(memory.dtype), hard])
         hidden = self._run(prefix, 0)
         write_logits = self.model.lm_head(hidden[-len(notes) - 1 :]).float()  # (len(notes) + 1, vocab)
-        embeddings = self.model.get_input_embeddings().weight
-        soft = torch.softmax(write_logits[:-1] / WRITE_TEMPERATURE, dim=-1) @ embeddings.float()  # (len(notes), hidden)
-        hard = embeddings[torch.tensor(notes, dtype=torch.long, device=embeddings.device)].float()
-        self._keep(self.notes + notes, torch.cat([memory[1:].float(), hard + soft - soft.detach()]))
+        embeddings = self.model.get_input_embeddings().weight.float()
+        soft = torch.softmax(write_logits[:-1] / WRITE_TEMPERATURE, dim=-1) @ embeddings  # (len(notes), hidden)
+        self._keep(self.notes + notes, torch.cat([memory[1:].float(), hard.float() + soft - soft.detach()]))
         self.token_ids.extend(token_ids)
         return write_logits
 
