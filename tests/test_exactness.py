@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import DynamicCache
 from conftest import FAMILIES, tiny_lm, tiny_model
 
 from memlm.memory.attention import attend, rotate, softmax_attention
@@ -19,6 +20,26 @@ def test_empty_memory_matches_stock_model(family: str, mode: str) -> None:
     stats = lm.ingest_tokens(ids[0].tolist(), "doc", progress=False, return_logits=True)
     assert stats.memory_tokens == 0, "nothing should have left the local window"
     torch.testing.assert_close(stats.logits, expected)
+
+
+def test_installed_model_without_memory_is_the_stock_model_after_a_cached_prefix() -> None:
+    """Outside memory attention the model must stay stock, also when a chunk of several tokens
+    follows cached ones (a prompt after a cached document) and in greedy generation from that cache."""
+    stock, installed = tiny_model(), tiny_lm().model
+    ids = torch.randint(0, 120, (1, 300), generator=torch.Generator().manual_seed(2))
+    prompt = torch.tensor([[5, 6, 7, 8]])
+    outputs = []
+    with torch.inference_mode():
+        for model in (stock, installed):
+            cache = DynamicCache(config=model.config)
+            model(ids, past_key_values=cache)
+            logits = model(prompt, past_key_values=cache).logits[0]
+            cache.crop(-prompt.shape[1])
+            tokens = model.generate(torch.cat([ids, prompt], 1), past_key_values=cache, max_new_tokens=6,
+                                    do_sample=False, pad_token_id=0)  # fmt: skip
+            outputs.append((logits, tokens))
+    torch.testing.assert_close(outputs[1][0], outputs[0][0])
+    assert outputs[1][1].tolist() == outputs[0][1].tolist()
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

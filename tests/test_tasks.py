@@ -9,6 +9,7 @@ import re
 from dataclasses import replace
 
 import pytest
+import torch
 from conftest import tiny_lm
 
 from memlm.bench import eval as suite
@@ -213,3 +214,27 @@ def test_the_suite_runs_on_a_tiny_model_and_writes_its_report(tmp_path) -> None:
     suite.plot_heatmaps(report, tmp_path / "eval.png")
     suite.plot_accuracy(report, tmp_path / "eval_accuracy.png")
     assert (tmp_path / "eval.png").stat().st_size > 10_000 and (tmp_path / "eval_accuracy.png").stat().st_size > 10_000
+
+
+def test_the_plain_model_reads_a_document_once_and_answers_each_question_as_alone() -> None:
+    """plain_answers shares the document's cache between questions; each answer must equal
+    the stock model's greedy answer on [window cut ; that prompt] alone, and a question whose
+    answer fell out of the window is not run."""
+    from memlm.bench.passkey import Question, plain_answers
+
+    lm = tiny_lm()
+    letters = torch.randint(0, 26, (5_000,), generator=torch.Generator().manual_seed(0))
+    document = "".join(chr(97 + i) for i in letters.tolist())  # longer than the 4096-token window
+    ids = lm.tokenizer(document)["input_ids"]
+    start, end = lm.tokenizer.decode(ids[:40]), lm.tokenizer.decode(ids[-40:])
+    questions = [Question("Where?", end, 5), Question("Who is it, then?", start, 5), Question("What?", end, 3)]
+    outputs = plain_answers(lm, document, questions)
+    assert outputs[1] is None
+    room = lm.max_positions - max(len(lm.prompt_ids(q.prompt, chat=False)) + q.max_new_tokens for q in questions)
+    for question, output in ((questions[0], outputs[0]), (questions[2], outputs[2])):
+        tokens = ids[-room:] + lm.prompt_ids(question.prompt, chat=False)
+        alone = []  # greedy by whole forward passes: the model's definition, no cache involved
+        with torch.inference_mode():
+            for _ in range(question.max_new_tokens):
+                alone.append(int(lm.model(torch.tensor([tokens + alone])).logits[0, -1].argmax()))
+        assert output == lm.tokenizer.decode(alone)

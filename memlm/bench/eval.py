@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from memlm.bench.common import check_names, report_header
-from memlm.bench.passkey import plain_answer
+from memlm.bench.passkey import Question, plain_answers
 from memlm.config import BACKENDS, MemoryConfig
 from memlm.engine import MemoryLM
 from memlm.model.loading import load_model
@@ -158,16 +158,19 @@ def run_config(name: str, lm: MemoryLM | None, base: MemoryLM, docs: Sequence[Do
     for family, length, seed, tasks in docs:
         document = tasks[0].document
         tokens = len(base.tokenizer(document, add_special_tokens=False)["input_ids"])
-        if lm is not None:
+        prompts = [prompt_text(base, task) for task in tasks]
+        if lm is None:
+            # The plain model reads the document once for all its questions; it is skipped (None)
+            # on a question whose answer lies outside its window; for a question about several
+            # needles, the earliest one decides whether all are inside.
+            questions = [Question(prompt, min(task.answers, key=document.find) if task.answers else task.answer,
+                                  task.answer_tokens) for prompt, task in zip(prompts, tasks)]  # fmt: skip
+            answered = plain_answers(base, document, questions)
+        else:
             lm.ingest(document, memory="eval", progress=False)
-        for task in tasks:
-            prompt = prompt_text(base, task)
+        for index, (task, prompt) in enumerate(zip(tasks, prompts)):
             if lm is None:
-                # plain_answer skips the model (None) when the answer is outside its window; for a
-                # question about several needles, the earliest one decides whether all are inside.
-                earliest = min(task.answers, key=document.find) if task.answers else task.answer
-                answered = plain_answer(base, document, prompt, earliest, max_new_tokens=task.answer_tokens)
-                output, visible = answered or "", answered is not None
+                output, visible = answered[index] or "", answered[index] is not None
             else:
                 output = lm.generate(prompt, memory="eval", chat=False, max_new_tokens=task.answer_tokens)
                 visible = None

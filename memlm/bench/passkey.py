@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from memlm.bench.common import check_names, report_header
 from memlm.config import MemoryConfig
@@ -53,22 +54,45 @@ class ConfigResult:
         return sum(hits) / len(hits) if hits else float("nan")
 
 
-def plain_answer(lm: MemoryLM, document: str, prompt: str, answer: str, max_new_tokens: int = 8) -> str | None:
-    """The stock model: the document's last tokens that fit its window, then the prompt.
+@dataclass(frozen=True)
+class Question:
+    prompt: str  # what follows the document
+    answer: str  # the text that must lie in the window for the model to be able to know it
+    max_new_tokens: int = 8
 
-    None when the answer is not in the tokens that fit: the model cannot know it then, and
-    running it (minutes per trial on a CPU for an 8k-token window) would only measure luck.
+
+def plain_answers(lm: MemoryLM, document: str, questions: list[Question]) -> list[str | None]:
+    """The stock model on each question: the document's last tokens that fit its window
+    (the same cut for every question, made for the longest one), then the question's prompt.
+
+    The document's tokens run through the model once; each question continues from a copy of
+    that cache cut back to the document (`crop`), which is what answering it alone would
+    compute. None for a question whose answer is not in the tokens that fit: the model cannot
+    know it then, and running it (tens of seconds per question on a CPU for an 8k-token
+    window) would only measure luck.
     """
     doc_ids = lm.tokenizer(document, add_special_tokens=False)["input_ids"]
-    prompt_ids = lm.prompt_ids(prompt, chat=False)
-    room = lm.max_positions - len(prompt_ids) - max_new_tokens
+    prompts = [lm.prompt_ids(q.prompt, chat=False) for q in questions]
+    room = lm.max_positions - max(len(p) + q.max_new_tokens for p, q in zip(prompts, questions))
     kept = doc_ids[-room:]
-    if answer not in lm.tokenizer.decode(kept):
-        return None
-    input_ids = torch.tensor([kept + prompt_ids])
+    window_text = lm.tokenizer.decode(kept)
+    visible = [q.answer in window_text for q in questions]
+    if not any(visible):
+        return [None] * len(questions)
+    outputs: list[str | None] = []
     with torch.inference_mode():
-        out = lm.model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
-    return lm.tokenizer.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True)
+        cache = DynamicCache(config=lm.model.config)
+        lm.model(torch.tensor([kept]), past_key_values=cache, use_cache=True)
+        for question, prompt_ids, seen in zip(questions, prompts, visible):
+            if not seen:
+                outputs.append(None)
+                continue
+            input_ids = torch.tensor([kept + prompt_ids])
+            out = lm.model.generate(input_ids, past_key_values=cache, max_new_tokens=question.max_new_tokens,
+                                    do_sample=False, pad_token_id=0)  # fmt: skip
+            outputs.append(lm.tokenizer.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True))
+            cache.crop(len(kept) - cache.get_seq_length())  # drop what this question added
+    return outputs
 
 
 def run_trials(lm: MemoryLM | None, base: MemoryLM, name: str, lengths: list[int], trials: int) -> ConfigResult:
@@ -80,7 +104,7 @@ def run_trials(lm: MemoryLM | None, base: MemoryLM, name: str, lengths: list[int
             task = passkey(length, depth=depth, seed=10_000 * length + trial)
             started = time.perf_counter()
             if lm is None:
-                output = plain_answer(base, task.document, task.prompt, task.answer)
+                [output] = plain_answers(base, task.document, [Question(task.prompt, task.answer)])
                 ran = output is not None
                 output = output if ran else "(the key lies outside the model's window: not run)"
                 ingest_s, tokens = 0.0, len(base.tokenizer(task.document)["input_ids"])

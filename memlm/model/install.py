@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from memlm.memory.session import MemorySession, ModelShape
 
@@ -36,6 +37,10 @@ def memory_attention(
 
 
 AttentionInterface.register(ATTENTION_NAME, memory_attention)
+# The masks SDPA gets: without one registered, transformers builds no mask for a custom
+# attention name, and SDPA's `is_causal` then aligns a query chunk that follows cached tokens
+# to the start of the keys (wrong for a prompt read after a cached document).
+AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
 def install_memory_attention(model: PreTrainedModel) -> ModelShape:
