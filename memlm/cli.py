@@ -307,6 +307,7 @@ def bench_train(
 def bench_backends(
     lengths: Annotated[str, typer.Option(help="Comma-separated document lengths in tokens.")] = "4000,16000,32000",
     trials: Annotated[int, typer.Option(help="Documents per task, length and config.")] = 20,
+    window_length: Annotated[int, typer.Option(help="In-window reference length (whole document visible).")] = 2000,
     configs: Annotated[str, typer.Option(help="Comma-separated: plain,fot,knn,xl,rmt.")] = "all",
     speed_length: Annotated[int, typer.Option(help="Document length for the speed measurements (0: none).")] = 16_000,
     model: ModelOpt = None,
@@ -321,6 +322,7 @@ def bench_backends(
     config = BackendsConfig(
         lengths=[int(n) for n in lengths.split(",")],
         trials=trials,
+        window_length=window_length,
         configs=_names(configs, CONFIGS),
         speed_length=speed_length,
         model=model,
