@@ -65,9 +65,9 @@ def plain_answers(lm: MemoryLM, document: str, questions: list[Question]) -> lis
     """The stock model on each question: the document's last tokens that fit its window
     (the same cut for every question, made for the longest one), then the question's prompt.
 
-    The document's tokens run through the model once; each question continues from a copy of
-    that cache cut back to the document (`crop`), which is what answering it alone would
-    compute. None for a question whose answer is not in the tokens that fit: the model cannot
+    The document's tokens run through the model once; each question continues from that
+    cache, which is then cut back to the document (`crop`) for the next: what answering each
+    alone would compute. None for a question whose answer is not in the tokens that fit: the model cannot
     know it then, and running it (tens of seconds per question on a CPU for an 8k-token
     window) would only measure luck.
     """
