@@ -51,8 +51,11 @@ class MemoryConfig:
         if self.backend == "xl":
             # Transformer-XL is the local window alone: every layer attends to the cached keys
             # and values of the previous local_len tokens (its mem_len), positions continuing;
-            # nothing is written to, or read from, the vector store.
-            self.memory_layers, self.sink_len = [], 0
+            # nothing is written to, or read from, the vector store. The first sink_len tokens
+            # stay in view as well: without its attention sink a pretrained model degenerates
+            # once the document's start leaves the window (StreamingLLM), and recalled nothing,
+            # not even a pass key 100 tokens back.
+            self.memory_layers = []
         elif self.backend == "rmt":
             # RMT segments see nothing of the past but the memory tokens: no local window,
             # no vector store.

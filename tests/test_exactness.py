@@ -130,6 +130,22 @@ def test_xl_forgets_beyond_mem_len() -> None:
     assert not torch.allclose(got[-50:], expected[-50:], atol=1e-4)
 
 
+def test_xl_keeps_its_attention_sink_in_view() -> None:
+    """The first sink_len tokens stay visible to every later segment (a pretrained model needs
+    its sink); a token just after them, older than the window reaches, is forgotten."""
+    lm = tiny_lm(backend="xl", segment_len=16, local_len=32, sink_len=4)
+    ids = torch.randint(0, 120, (203,), generator=torch.Generator().manual_seed(6))
+
+    def last_segment(tokens: torch.Tensor, name: str) -> torch.Tensor:
+        return lm.ingest_tokens(tokens.tolist(), name, progress=False, return_logits=True).logits[-16:]
+
+    base = last_segment(ids, "base")
+    in_sink, past_sink = ids.clone(), ids.clone()
+    in_sink[2], past_sink[10] = (ids[2] + 1) % 120, (ids[10] + 1) % 120
+    assert not torch.allclose(last_segment(in_sink, "sink"), base, atol=1e-4)
+    torch.testing.assert_close(last_segment(past_sink, "forgotten"), base)
+
+
 def test_xl_cache_carries_no_gradient() -> None:
     """Segment 2's loss reaches the weights through segment 2 alone: the cache of segment 1
     is a constant (stop-gradient), so its values get no gradient and are leaves."""
