@@ -67,9 +67,9 @@ def plain_answers(lm: MemoryLM, document: str, questions: list[Question]) -> lis
 
     The document's tokens run through the model once; each question continues from that
     cache, which is then cut back to the document (`crop`) for the next: what answering each
-    alone would compute. None for a question whose answer is not in the tokens that fit: the model cannot
-    know it then, and running it (tens of seconds per question on a CPU for an 8k-token
-    window) would only measure luck.
+    alone would compute. None for a question whose answer is not in the tokens that fit: the
+    model cannot know it then, and running it (tens of seconds per question on a CPU for an
+    8k-token window) would only measure luck.
     """
     doc_ids = lm.tokenizer(document, add_special_tokens=False)["input_ids"]
     prompts = [lm.prompt_ids(q.prompt, chat=False) for q in questions]
