@@ -238,6 +238,11 @@ def bench_eval(
     seed: Annotated[int, typer.Option(help="Seed of the generated documents.")] = 0,
     out: Annotated[Path, typer.Option(help="Where to write JSON and PNG.")] = Path("benchmarks/results"),
     name: Annotated[str, typer.Option(help="File name stem of the results.")] = "eval",
+    resume: Annotated[
+        Optional[list[Path]],
+        typer.Option(help="An earlier report (.json) or an interrupted run's <name>.trials.jsonl: documents "
+                     "answered there are not run again (repeatable; later ones win)."),
+    ] = None,
 ) -> None:
     """Long-context tasks (passkey, key-value lines, multi-needle, BABILong-style facts, document QA):
     accuracy with 95% intervals and retention against the in-window accuracy, per backend."""
@@ -253,6 +258,7 @@ def bench_eval(
         seed=seed,
         out_dir=out,
         name=name,
+        resume=resume or [],
     )
     _run_bench(run, config)
 
@@ -314,6 +320,11 @@ def bench_backends(
     seed: Annotated[int, typer.Option(help="Seed of the generated documents.")] = 0,
     out: Annotated[Path, typer.Option(help="Where to write JSON and PNG.")] = Path("benchmarks/results"),
     name: Annotated[str, typer.Option(help="File name stem of the results.")] = "backends",
+    resume: Annotated[
+        Optional[list[Path]],
+        typer.Option(help="An earlier report (.json) or an interrupted run's <name>.trials.jsonl: documents "
+                     "answered there are not run again (repeatable; later ones win)."),
+    ] = None,
 ) -> None:
     """Every memory backend next to the plain model: passkey and BABILong-style fact QA at
     each length, ingest and decode speed."""
@@ -329,6 +340,7 @@ def bench_backends(
         seed=seed,
         out_dir=out,
         name=name,
+        resume=resume or [],
     )
     _run_bench(run, config)
 

@@ -238,3 +238,38 @@ def test_the_plain_model_reads_a_document_once_and_answers_each_question_as_alon
             for _ in range(question.max_new_tokens):
                 alone.append(int(lm.model(torch.tensor([tokens + alone])).logits[0, -1].argmax()))
         assert output == lm.tokenizer.decode(alone)
+
+
+def test_an_interrupted_run_continues_from_its_checkpoint_without_asking_again(tmp_path) -> None:
+    """Each answered document lands in the checkpoint; resuming from it reruns only the
+    documents missing there, with the same answers, and refuses another model's answers."""
+    base = tiny_lm()
+    lm = tiny_lm(segment_len=256, sink_len=4, local_len=64, block_len=4, top_k=2, query_chunk=16)
+    config = suite.EvalConfig(lengths=[120], window_length=60, trials=1, families=["passkey", "babilong"])
+    docs = [(family, n, seed, [replace(t, answer_tokens=2) for t in tasks]) for family, n, seed, tasks in
+            suite.documents(config)]  # fmt: skip
+    header = {"model": "tiny", "dtype": "bfloat16", "defaults": {}}
+    checkpoint = tmp_path / "eval.trials.jsonl"
+    checkpoint.write_text(json.dumps(header) + "\n")
+    full = suite.run_config("fot", lm, base, docs, checkpoint=checkpoint)
+    assert [suite.Trial(**json.loads(line)) for line in checkpoint.read_text().splitlines()[1:]] == full
+
+    first_document = len(docs[0][3])  # interrupted after the first document
+    lines = checkpoint.read_text().splitlines()[: 1 + first_document]
+    checkpoint.write_text("\n".join(lines) + "\n")
+    reuse = suite.answered_before([checkpoint], header)
+    assert len(reuse) == 1
+    ingested = []
+    ingest = lm.ingest
+    lm.ingest = lambda text, **kw: (ingested.append(text), ingest(text, **kw))[1]
+    resumed = suite.run_config("fot", lm, base, docs, reuse)
+    assert resumed == full
+    assert ingested == [tasks[0].document for *_, tasks in docs[1:]]
+
+    # The same seed asked at other depths (another number of documents per cell) is run again.
+    moved = {key: [replace(t, depth=t.depth / 2) for t in trials] for key, trials in reuse.items()}
+    ingested.clear()
+    suite.run_config("fot", lm, base, docs, moved)
+    assert len(ingested) == len(docs)
+    with pytest.raises(ValueError, match="another model"):
+        suite.answered_before([checkpoint], {**header, "model": "other"})

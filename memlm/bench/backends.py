@@ -42,11 +42,12 @@ class BackendsConfig:
     seed: int = 0
     out_dir: Path = Path("benchmarks/results")
     name: str = "backends"
+    resume: list[Path] = field(default_factory=list)  # earlier reports or checkpoints (memlm/bench/eval.py)
 
     def eval_config(self) -> EvalConfig:
         return EvalConfig(lengths=self.lengths, window_length=self.window_length, trials=self.trials,
                           families=list(FAMILIES), configs=self.configs, model=self.model, seed=self.seed,
-                          out_dir=self.out_dir, name=self.name)  # fmt: skip
+                          out_dir=self.out_dir, name=self.name, resume=self.resume)  # fmt: skip
 
 
 def measure_speed(config: BackendsConfig) -> dict[str, dict]:

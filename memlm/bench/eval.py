@@ -10,6 +10,11 @@ interval. One document carries several questions (facts at several depths) and i
 once per backend; questions on one document are not independent, so read the intervals as
 a little too narrow. Prints a table and writes `<name>.json`, `<name>.png` (length x depth
 heat maps, as needle-in-a-haystack plots) and `<name>_accuracy.png`.
+
+A long run keeps every answered document in `<name>.trials.jsonl` as it goes (removed once the
+report is written); `resume` takes such a file or an earlier report, and the documents answered
+there are not run again, so an interrupted run continues, and a new length is added to an
+earlier report's table without repeating it.
 """
 
 from __future__ import annotations
@@ -87,6 +92,7 @@ class EvalConfig:
     seed: int = 0
     out_dir: Path = Path("benchmarks/results")
     name: str = "eval"
+    resume: list[Path] = field(default_factory=list)  # earlier reports or checkpoints; later ones win
 
     def validate(self) -> None:
         check_names("task", self.families, FAMILIES)
@@ -99,6 +105,10 @@ class EvalConfig:
     @property
     def all_lengths(self) -> list[int]:
         return sorted({self.window_length, *self.lengths})
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.out_dir / f"{self.name}.trials.jsonl"
 
 
 def wilson(right: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -136,6 +146,7 @@ def prompt_text(lm: MemoryLM, task: Task) -> str:
 
 
 Document = tuple[str, int, int, list[Task]]  # (family, length, seed, the tasks on one document)
+DocumentKey = tuple[str, str, int, int]  # (config, family, length, seed)
 
 
 def documents(config: EvalConfig) -> list[Document]:
@@ -151,11 +162,57 @@ def documents(config: EvalConfig) -> list[Document]:
     return found
 
 
-def run_config(name: str, lm: MemoryLM | None, base: MemoryLM, docs: Sequence[Document]) -> list[Trial]:
-    """Ask every question of every document; `lm` None is the plain model (`base`, cut to its window)."""
+def answered_before(paths: Sequence[Path], header: dict) -> dict[DocumentKey, list[Trial]]:
+    """The trials of every document answered in earlier runs, from their reports (`.json`) or
+    checkpoints (`.trials.jsonl`: a header line, then one trial a line). Later files win.
+    A run with another model, dtype or memory settings is refused: its answers are not ours."""
+    answered: dict[DocumentKey, list[Trial]] = {}
+    for path in paths:
+        if path.suffix == ".jsonl":
+            earlier, *rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        else:
+            earlier = json.loads(path.read_text())
+            rows = earlier.get("trials", [])
+        for key in ("model", "dtype", "defaults"):
+            if earlier.get(key) != header[key]:
+                raise ValueError(f"{path} was run with another {key}; its answers cannot be reused")
+        found: dict[DocumentKey, list[Trial]] = {}
+        for row in rows:
+            trial = Trial(**row)
+            found.setdefault((trial.config, trial.family, trial.length, trial.seed), []).append(trial)
+        answered.update(found)
+    return answered
+
+
+def reusable(earlier: list[Trial] | None, tasks: list[Task]) -> bool:
+    """Whether earlier trials answered exactly these questions (the depths of a seed's facts
+    depend on the number of documents per cell, so the seed alone does not say)."""
+    return earlier is not None and [(t.depth, t.question, t.answer) for t in earlier] == [
+        (task.depth, task.question, task.answer) for task in tasks
+    ]
+
+
+def run_config(
+    name: str,
+    lm: MemoryLM | None,
+    base: MemoryLM,
+    docs: Sequence[Document],
+    reuse: dict[DocumentKey, list[Trial]] | None = None,
+    checkpoint: Path | None = None,
+) -> list[Trial]:
+    """Ask every question of every document; `lm` None is the plain model (`base`, cut to its window).
+    A document in `reuse` (answered_before) keeps its earlier trials; each document's trials
+    are appended to `checkpoint` once all its questions are answered."""
     trials: list[Trial] = []
     bar = tqdm(total=sum(len(tasks) for *_, tasks in docs), desc=f"eval {name}", unit="question")
     for family, length, seed, tasks in docs:
+        earlier = (reuse or {}).get((name, family, length, seed))
+        if reusable(earlier, tasks):
+            trials += earlier
+            keep(checkpoint, earlier)
+            bar.update(len(earlier))
+            continue
+        done_before = len(trials)
         document = tasks[0].document
         tokens = len(base.tokenizer(document, add_special_tokens=False)["input_ids"])
         prompts = [prompt_text(base, task) for task in tasks]
@@ -181,8 +238,15 @@ def run_config(name: str, lm: MemoryLM | None, base: MemoryLM, docs: Sequence[Do
             bar.update()
         if lm is not None:
             lm.forget("eval")
+        keep(checkpoint, trials[done_before:])
     bar.close()
     return trials
+
+
+def keep(checkpoint: Path | None, trials: list[Trial]) -> None:
+    if checkpoint is not None:
+        with checkpoint.open("a") as file:
+            file.writelines(json.dumps(asdict(t)) + "\n" for t in trials)
 
 
 def summarize(trials: list[Trial], config: EvalConfig) -> tuple[dict, dict]:
@@ -242,6 +306,12 @@ def evaluate(config: EvalConfig) -> dict:
     if config.window_length + 256 > base.max_positions:
         raise ValueError(f"window_length {config.window_length} does not fit the model's {base.max_positions} tokens")
     docs = documents(config)
+    header = report_header(config.model)
+    reuse = answered_before(config.resume, header)  # read before the checkpoint below is restarted
+    if reuse:
+        print(f"reusing the answers to {len(reuse)} documents of {', '.join(map(str, config.resume))}")
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    config.checkpoint.write_text(json.dumps(header) + "\n")
     trials: list[Trial] = []
     seconds: dict[str, float] = {}
     adapters: dict[str, str] = {}
@@ -251,11 +321,11 @@ def evaluate(config: EvalConfig) -> dict:
         adapter = config_adapter(name, config.model)
         if adapter is not None:
             adapters[name] = adapter.name
-        trials += run_config(name, lm, base, docs)
+        trials += run_config(name, lm, base, docs, reuse, config.checkpoint)
         seconds[name] = time.perf_counter() - started
     accuracy, retention = summarize(trials, config)
     return {
-        **report_header(config.model),
+        **header,
         "model_window": base.max_positions,
         "adapters": adapters,
         "lengths": config.all_lengths,
@@ -268,7 +338,8 @@ def evaluate(config: EvalConfig) -> dict:
         "retention_reference": f"plain at {config.window_length} tokens",
         "accuracy": accuracy,
         "retention": retention,
-        "seconds": seconds,
+        "seconds": seconds,  # spent in this run (reused answers cost nothing)
+        "resumed_from": [str(path) for path in config.resume],
         "trials": [asdict(t) for t in trials],
     }
 
@@ -279,6 +350,7 @@ def write(report: dict, config: EvalConfig) -> None:
     Path(f"{stem}.json").write_text(json.dumps(report, indent=1))
     plot_heatmaps(report, Path(f"{stem}.png"))
     plot_accuracy(report, Path(f"{stem}_accuracy.png"))
+    config.checkpoint.unlink(missing_ok=True)  # everything in it is in the report now
     print(f"wrote {stem}.json, {stem}.png and {stem}_accuracy.png")
 
 
