@@ -273,3 +273,6 @@ def test_an_interrupted_run_continues_from_its_checkpoint_without_asking_again(t
     assert len(ingested) == len(docs)
     with pytest.raises(ValueError, match="another model"):
         suite.answered_before([checkpoint], {**header, "model": "other"})
+    checkpoint.write_text(json.dumps(header) + "\n" + json.dumps({"config": "fot"}) + "\n")
+    with pytest.raises(ValueError, match="other than benchmark trials"):
+        suite.answered_before([checkpoint], header)

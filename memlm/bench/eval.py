@@ -178,7 +178,10 @@ def answered_before(paths: Sequence[Path], header: dict) -> dict[DocumentKey, li
                 raise ValueError(f"{path} was run with another {key}; its answers cannot be reused")
         found: dict[DocumentKey, list[Trial]] = {}
         for row in rows:
-            trial = Trial(**row)
+            try:
+                trial = Trial(**row)
+            except TypeError as error:
+                raise ValueError(f"{path} holds something other than benchmark trials ({error})") from None
             found.setdefault((trial.config, trial.family, trial.length, trial.seed), []).append(trial)
         answered.update(found)
     return answered
