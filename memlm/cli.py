@@ -16,6 +16,11 @@ app.add_typer(bench_app, name="bench")
 app.add_typer(train_app, name="train")
 
 ModelOpt = Annotated[Optional[str], typer.Option(help="Local checkpoint directory (default: embedded SmolLM2-135M).")]
+ResumeOpt = Annotated[
+    Optional[list[Path]],
+    typer.Option(help="An earlier report (.json) or an interrupted run's <name>.trials.jsonl: documents "
+                 "answered there are not run again (repeatable; later ones win)."),
+]
 BackendOpt = Annotated[str, typer.Option(help="Memory backend: fot, knn, xl or rmt (README, Backends).")]
 StoreOpt = Annotated[
     Optional[str], typer.Option(help="Store URL: faiss, faiss:///dir, lance:///dir, grpc://host:port (env MEMLM_STORE).")
@@ -238,11 +243,7 @@ def bench_eval(
     seed: Annotated[int, typer.Option(help="Seed of the generated documents.")] = 0,
     out: Annotated[Path, typer.Option(help="Where to write JSON and PNG.")] = Path("benchmarks/results"),
     name: Annotated[str, typer.Option(help="File name stem of the results.")] = "eval",
-    resume: Annotated[
-        Optional[list[Path]],
-        typer.Option(help="An earlier report (.json) or an interrupted run's <name>.trials.jsonl: documents "
-                     "answered there are not run again (repeatable; later ones win)."),
-    ] = None,
+    resume: ResumeOpt = None,
 ) -> None:
     """Long-context tasks (passkey, key-value lines, multi-needle, BABILong-style facts, document QA):
     accuracy with 95% intervals and retention against the in-window accuracy, per backend."""
@@ -320,11 +321,7 @@ def bench_backends(
     seed: Annotated[int, typer.Option(help="Seed of the generated documents.")] = 0,
     out: Annotated[Path, typer.Option(help="Where to write JSON and PNG.")] = Path("benchmarks/results"),
     name: Annotated[str, typer.Option(help="File name stem of the results.")] = "backends",
-    resume: Annotated[
-        Optional[list[Path]],
-        typer.Option(help="An earlier report (.json) or an interrupted run's <name>.trials.jsonl: documents "
-                     "answered there are not run again (repeatable; later ones win)."),
-    ] = None,
+    resume: ResumeOpt = None,
 ) -> None:
     """Every memory backend next to the plain model: passkey and BABILong-style fact QA at
     each length, ingest and decode speed."""

@@ -204,15 +204,14 @@ def run_config(
     checkpoint: Path | None = None,
 ) -> list[Trial]:
     """Ask every question of every document; `lm` None is the plain model (`base`, cut to its window).
-    A document in `reuse` (answered_before) keeps its earlier trials; each document's trials
-    are appended to `checkpoint` once all its questions are answered."""
+    A document in `reuse` (answered_before) keeps its earlier trials; each newly answered
+    document's trials are appended to `checkpoint` once all its questions are answered."""
     trials: list[Trial] = []
     bar = tqdm(total=sum(len(tasks) for *_, tasks in docs), desc=f"eval {name}", unit="question")
     for family, length, seed, tasks in docs:
         earlier = (reuse or {}).get((name, family, length, seed))
         if reusable(earlier, tasks):
             trials += earlier
-            keep(checkpoint, earlier)
             bar.update(len(earlier))
             continue
         done_before = len(trials)
@@ -315,6 +314,9 @@ def evaluate(config: EvalConfig) -> dict:
         print(f"reusing the answers to {len(reuse)} documents of {', '.join(map(str, config.resume))}")
     config.out_dir.mkdir(parents=True, exist_ok=True)
     config.checkpoint.write_text(json.dumps(header) + "\n")
+    # Everything resumed goes into the new checkpoint first: the old one may be this same file,
+    # and a run stopped again must not lose what it had not reached yet.
+    keep(config.checkpoint, [trial for earlier in reuse.values() for trial in earlier])
     trials: list[Trial] = []
     seconds: dict[str, float] = {}
     adapters: dict[str, str] = {}
