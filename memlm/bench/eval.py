@@ -303,15 +303,16 @@ def config_lm(name: str, hf_model, tokenizer, model: str | None) -> MemoryLM | N
 def evaluate(config: EvalConfig) -> dict:
     """Run every configuration on the same documents; returns the report (see `run`)."""
     config.validate()
+    header = report_header(config.model)
+    # Read before the model loads (a bad file fails at once) and before the checkpoint below restarts.
+    reuse = answered_before(config.resume, header)
+    if reuse:
+        print(f"reusing the answers to {len(reuse)} documents of {', '.join(map(str, config.resume))}")
     hf_model, tokenizer = load_model(config.model, dtype=torch.bfloat16)
     base = MemoryLM(hf_model, tokenizer, FaissStore(None), MemoryConfig())
     if config.window_length + 256 > base.max_positions:
         raise ValueError(f"window_length {config.window_length} does not fit the model's {base.max_positions} tokens")
     docs = documents(config)
-    header = report_header(config.model)
-    reuse = answered_before(config.resume, header)  # read before the checkpoint below is restarted
-    if reuse:
-        print(f"reusing the answers to {len(reuse)} documents of {', '.join(map(str, config.resume))}")
     config.out_dir.mkdir(parents=True, exist_ok=True)
     config.checkpoint.write_text(json.dumps(header) + "\n")
     # Everything resumed goes into the new checkpoint first: the old one may be this same file,
