@@ -14,6 +14,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Language mod
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: print a table, write JSON and a plot to benchmarks/results/.")
 app.add_typer(bench_app, name="bench")
 app.add_typer(train_app, name="train")
+calibrate_app = typer.Typer(no_args_is_help=True, help="Measure a model's properties that reading memory relies on.")
+app.add_typer(calibrate_app, name="calibrate")
 
 ModelOpt = Annotated[Optional[str], typer.Option(help="Local checkpoint directory (default: embedded SmolLM2-135M).")]
 ResumeOpt = Annotated[
@@ -155,6 +157,25 @@ def demo(
         _fail(str(error))
 
 
+@calibrate_app.command("heads")
+def calibrate_heads(
+    model: ModelOpt = None,
+    out: Annotated[Path, typer.Option(help="Where to write the profile (JSON).")] = Path("heads.json"),
+    documents: Annotated[int, typer.Option(help="Generated documents to ask about.")] = 4,
+    length: Annotated[int, typer.Option(help="Tokens per document.")] = 8_000,
+    questions: Annotated[int, typer.Option(help="Questions per document.")] = 6,
+    keep: Annotated[int, typer.Option(help="Heads kept in the profile.")] = 24,
+) -> None:
+    """Find the retrieval heads: which (layer, head) pairs find the evidence for a question.
+    Use the profile with `--heads FILE` (ask, serve, bench); the embedded model's is shipped."""
+    from memlm.calibrate import CalibrationConfig, run
+
+    try:
+        run(CalibrationConfig(documents, length, questions, keep=keep, out=out), model)
+    except ValueError as error:
+        _fail(str(error))
+
+
 @app.command("store-serve")
 def store_serve(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 50052,
@@ -216,19 +237,26 @@ def bench_passkey(
     out: Annotated[Path, typer.Option(help="Where to write JSON and PNG.")] = Path("benchmarks/results"),
     name: Annotated[str, typer.Option(help="File name stem of the results.")] = "passkey",
     throughput_length: Annotated[int, typer.Option(help="Document length for the speed measurements.")] = 32_000,
+    haystack: Annotated[str, typer.Option(help="prose (the Vim manual) or filler (repeated sentences).")] = "prose",
+    chat: Annotated[bool, typer.Option(help="Ask in the chat template (--no-chat: the raw prompt).")] = True,
 ) -> None:
     """Passkey retrieval, ingest throughput, decode latency and memory size."""
     from memlm.bench.passkey import run
 
-    run(
-        lengths=[int(n) for n in lengths.split(",")],
-        trials=trials,
-        configs=configs,
-        model=model,
-        out_dir=out,
-        throughput_length=throughput_length,
-        name=name,
-    )
+    try:
+        run(
+            lengths=[int(n) for n in lengths.split(",")],
+            trials=trials,
+            configs=configs,
+            model=model,
+            out_dir=out,
+            throughput_length=throughput_length,
+            name=name,
+            haystack=haystack,
+            chat=chat,
+        )
+    except ValueError as error:
+        _fail(str(error))
 
 
 @bench_app.command("eval")
@@ -237,10 +265,14 @@ def bench_eval(
     long: Annotated[bool, typer.Option("--long", help="Also run at 128,000 tokens.")] = False,
     window_length: Annotated[int, typer.Option(help="In-window reference length (whole document visible).")] = 2000,
     trials: Annotated[int, typer.Option(help="Documents per task, length and config (several questions each).")] = 5,
-    tasks: Annotated[str, typer.Option(help="Comma-separated: passkey,kv-lines,multi-needle,babilong,docqa.")] = "all",
-    configs: Annotated[str, typer.Option(help="Comma-separated: plain,fot,knn,xl,rmt.")] = "all",
+    tasks: Annotated[str, typer.Option(help="Comma-separated: prose-needles,passkey,kv-lines,multi-needle,babilong,"
+                                            "docqa.")] = "all",
+    configs: Annotated[str, typer.Option(help="Comma-separated: plain,fot,knn,xl,rmt,fot-reread,fot-bag,knn-bag.")] = (
+        "plain,fot,knn,xl,rmt"
+    ),
     model: ModelOpt = None,
     seed: Annotated[int, typer.Option(help="Seed of the generated documents.")] = 0,
+    chat: Annotated[bool, typer.Option(help="Ask in the chat template (--no-chat: raw continuation prompts).")] = True,
     out: Annotated[Path, typer.Option(help="Where to write JSON and PNG.")] = Path("benchmarks/results"),
     name: Annotated[str, typer.Option(help="File name stem of the results.")] = "eval",
     resume: ResumeOpt = None,
@@ -257,6 +289,7 @@ def bench_eval(
         configs=_names(configs, CONFIGS),
         model=model,
         seed=seed,
+        chat=chat,
         out_dir=out,
         name=name,
         resume=resume or [],

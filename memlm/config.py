@@ -8,6 +8,8 @@ from typing import Literal
 
 Backend = Literal["fot", "knn", "xl", "rmt"]
 PositionMode = Literal["window", "zero", "exact"]
+ReadMode = Literal["passages", "reread", "bag"]
+READ_MODES: tuple[str, ...] = ("passages", "reread", "bag")
 BACKENDS: tuple[str, ...] = ("fot", "knn", "xl", "rmt")
 RMT_WRITE_PROMPT_LEN = 4  # trained embeddings after each rmt segment, before its notes (memlm/memory/recurrent.py)
 POSITION_MODES: tuple[str, ...] = ("window", "zero", "exact")
@@ -43,6 +45,18 @@ class MemoryConfig:
     gate_init: float = 0.0
     # Storage precision of memory keys and values.
     memory_dtype: Literal["float16", "float32"] = "float16"
+    # How a question reads the memory (fot, knn; memlm/memory/reading.py): "passages" votes
+    # across layers and heads with the question's own queries for one set of passages and
+    # places their stored keys and values before the local window, in document order at
+    # consecutive positions (with memory in some layers only, the others have no stored
+    # keys: it re-reads instead); "reread" runs the passages' text through the model again;
+    # "bag" is every head attending to its own top-k blocks at every step, as while ingesting.
+    read: ReadMode = "passages"
+    # Passage read: blocks each (layer, query head) votes for, blocks read, and the tokens of
+    # context kept on either side of each.
+    read_top_k: int = 32
+    read_blocks: int = 8
+    read_context: int = 48
     # Tokens of notes the rmt backend carries from segment to segment (read and written).
     num_mem_tokens: int = 64
     extra: dict = field(default_factory=dict)
@@ -72,11 +86,14 @@ class MemoryConfig:
             raise ValueError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
         if self.position_mode not in POSITION_MODES:
             raise ValueError(f"unknown position_mode {self.position_mode!r}; choose one of {', '.join(POSITION_MODES)}")
-        for name in ("segment_len", "top_k", "block_len", "query_chunk", "max_memory_tokens", "num_mem_tokens"):
+        if self.read not in READ_MODES:
+            raise ValueError(f"unknown read {self.read!r}; choose one of {', '.join(READ_MODES)}")
+        for name in ("segment_len", "top_k", "block_len", "query_chunk", "max_memory_tokens", "num_mem_tokens",
+                     "read_top_k", "read_blocks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.sink_len < 0 or self.local_len < 0:
-            raise ValueError("sink_len and local_len must be >= 0")
+        if self.sink_len < 0 or self.local_len < 0 or self.read_context < 0:
+            raise ValueError("sink_len, local_len and read_context must be >= 0")
         if self.backend == "rmt":  # [sink ; notes ; segment ; write prompt ; new notes]
             window = 1 + self.segment_len + RMT_WRITE_PROMPT_LEN + 2 * self.num_mem_tokens
         else:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +27,9 @@ QUICK_FACTS = 4
 
 @dataclass
 class Source:
-    start: int  # first token position of a retrieved block
-    end: int
-    votes: int  # how many (layer, head) retrievals chose it
+    start: int  # first document token of a passage the question read
+    end: int  # one past its last
+    rank: int  # 0 = the passage the memory's read ranked first
     snippet: str
 
 
@@ -95,17 +94,13 @@ def read_document(path: Path) -> str:
 
 
 def sources(lm: MemoryLM, memory: str, result: GenerationResult, top: int = 3) -> list[Source]:
-    """The memory blocks most often retrieved for the question, across layers and heads."""
-    votes: Counter[tuple[int, int]] = Counter()
-    for retrieval in result.retrieved.values():
-        blocks = retrieval.positions.reshape(-1, retrieval.positions.shape[-1])  # (H*C*k, B)
-        votes.update((int(block[0]), int(block[-1])) for block in blocks)
+    """The `top` best-ranked passages the question read (`GenerationResult.evidence`)."""
     token_ids = lm.store.load_state(memory)["token_ids"]
-    found = []
-    for (start, end), count in votes.most_common(top):
-        text = lm.tokenizer.decode(token_ids[max(0, start - 8) : end + 9].tolist())
-        found.append(Source(start, end, count, " ".join(text.split())))
-    return found
+    best = sorted(result.evidence, key=lambda passage: passage.rank)[:top]
+    return [
+        Source(p.start, p.end, p.rank, " ".join(lm.tokenizer.decode(token_ids[p.start : p.end].tolist()).split()))
+        for p in best
+    ]
 
 
 # -- where the model runs ---------------------------------------------------------------------
@@ -264,9 +259,16 @@ def ask(reader: Reader, task: Task, max_new_tokens: int) -> Answer:
         print(f"   expected: {task.answer}  [{'right' if answer.right else 'wrong'}]"
               f"  (fact at {task.depth:.0%} of the document)")  # fmt: skip
     for source in answer.sources:
-        print(f"   read tokens {source.start}-{source.end} ({source.votes} heads): ...{source.snippet[:150]}...")
+        print(f"   read #{source.rank + 1}, tokens {source.start}-{source.end}: {_around(source.snippet, task.answer)}")
     print()
     return answer
+
+
+def _around(snippet: str, answer: str, width: int = 160) -> str:
+    """`width` characters of a passage, centred on the expected answer when it is there."""
+    at = snippet.find(answer) if answer else -1
+    start = max(0, min(at - width // 2, len(snippet) - width)) if at >= 0 else 0
+    return ("..." if start else "") + snippet[start : start + width] + ("..." if start + width < len(snippet) else "")
 
 
 def summarize(ingested: Ingested, answers: list[Answer]) -> float | None:

@@ -11,7 +11,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +21,22 @@ from tqdm.auto import tqdm
 from memlm.config import MemoryConfig
 from memlm.memory.backends import make_backend
 from memlm.memory.recurrent import RecurrentMemoryTokens, RecurrentSession
+from memlm.memory.reading import (
+    HeadProfile,
+    Passage,
+    add_votes,
+    head_profile,
+    new_votes,
+    question_search_keys,
+    question_span,
+    reread_ids,
+    select_passages,
+)
 from memlm.memory.session import MemorySession, Retrieval
 from memlm.model.install import install_memory_attention
 from memlm.model.loading import load_model
 from memlm.store import MemoryNotFound, VectorStore, check_memory_name, open_store
+from memlm.store.base import Blocks, SearchResult
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -62,7 +74,10 @@ class GenerationResult:
     token_ids: list[int]
     finish_reason: str
     prompt_tokens: int
-    retrieved: dict[int, Retrieval]  # memory layer -> what the prompt's forward pass read
+    retrieved: dict[int, Retrieval]  # memory layer -> what the prompt's forward pass read (bag read)
+    # The passages the question read, in document order (passage read; for the bag read, the
+    # blocks its heads read, ranked by how many read each).
+    evidence: list[Passage] = field(default_factory=list)
 
 
 class MemoryLM:
@@ -73,6 +88,9 @@ class MemoryLM:
         config.validate(self.shape.num_layers, self.max_positions)
         self.config = config
         self.backend = make_backend(config, self.shape.num_layers, self.shape.num_heads, model)
+        # Whose votes count in the passage read (memlm/memory/reading.py): the shipped profile on
+        # the model it was measured on, else uniform (`load(heads=...)` sets another).
+        self.head_profile = head_profile(model.name_or_path, self.shape.num_layers, self.shape.num_heads)
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
 
@@ -87,13 +105,15 @@ class MemoryLM:
         device: str = "cpu",
         adapter: str | Path | None = None,
         default_adapter: bool = True,
+        heads: str | Path | None = None,
         **settings,
     ) -> MemoryLM:
         """`model` None: the embedded model. `store` None: FAISS under $MEMLM_HOME. `adapter`:
         a trained adapter file (`memlm train ...`); with none given, the embedded model gets
         the adapter shipped for its backend, if any (memlm/adapters; `default_adapter=False`
-        runs it untrained). Extra keyword arguments override `MemoryConfig` fields (top_k=16,
-        segment_len=512, ...)."""
+        runs it untrained). `heads`: a retrieval-head profile (`memlm calibrate heads`); with
+        none given, the embedded model uses the shipped one and other models vote uniformly.
+        Extra keyword arguments override `MemoryConfig` fields (top_k=16, segment_len=512, ...)."""
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         config = replace(config or MemoryConfig(), backend=backend, **settings)
@@ -107,6 +127,8 @@ class MemoryLM:
             from memlm.train.adapter import load_adapter
 
             load_adapter(lm, adapter)
+        if heads is not None:
+            lm.head_profile = HeadProfile.load(heads, lm.shape.num_layers, lm.shape.num_heads)
         return lm
 
     # -- memories -------------------------------------------------------------------------
@@ -237,6 +259,57 @@ class MemoryLM:
             )
         return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
+    def question_span(self, prompt: str, chat: bool = True) -> slice:
+        """Where the prompt's own text lies in `prompt_ids(prompt, chat)`: a chat template's
+        system and role tokens are the same for every question and must not steer retrieval."""
+        if not (chat and self.tokenizer.chat_template):
+            return slice(0, len(self.prompt_ids(prompt, chat=False)))
+        return question_span(self.prompt_ids(prompt, chat=True), self.prompt_ids("", chat=True))
+
+    @torch.inference_mode()
+    def search_with_question(
+        self, session: MemorySession, prompt_ids: list[int], question: slice, layers: list[int] | None = None
+    ) -> dict[int, SearchResult]:
+        """Probe the prompt over the local window, then search each memory layer (or those
+        of `layers`) with each query head's summed queries at the question's tokens: per
+        layer, (Hkv, G, k) top blocks, one row per query head."""
+        session.question = question
+        self._forward(session, prompt_ids, logits="none")
+        found = {}
+        for layer, queries in session.question_queries.items():
+            if layers is None or layer in layers:
+                search = question_search_keys(queries, session.memory_position, self.shape.inv_freq)
+                found[layer] = self.store.search(session.memory, layer, search, self.config.read_top_k)
+        return found
+
+    def read_passages(self, session: MemorySession, prompt_ids: list[int], question: slice) -> list[Passage]:
+        """The passage read's selection (memlm/memory/reading.py): the question's search in
+        every layer with a voting head, votes, passages."""
+        weights = self.head_profile.weights
+        voting = [layer for layer in range(len(weights)) if weights[layer].any()]
+        votes = new_votes()
+        for layer, found in self.search_with_question(session, prompt_ids, question, voting).items():
+            if found.k:
+                add_votes(votes, found, weights[layer])
+        config = self.config
+        return select_passages(votes, config.block_len, config.read_blocks, config.read_context,
+                               len(session.token_ids), grid=config.sink_len)  # fmt: skip
+
+    def fetch_passages(self, session: MemorySession, passages: list[Passage]) -> dict[int, Blocks]:
+        """Every layer's stored blocks that hold the passages' tokens (those still in the local
+        window or the sinks are in view already and not in the store)."""
+        grid, block = self.config.sink_len, self.config.block_len
+        starts = sorted({start for p in passages for start in range(max(p.start, grid), p.end, block)})
+        wanted = np.array(starts, dtype=np.int64)
+        return {layer: self.store.blocks_at(session.memory, layer, wanted) for layer in range(self.shape.num_layers)}
+
+    def reread_session(self, session: MemorySession, passages: list[Passage]) -> tuple[MemorySession, list[int]]:
+        """A fresh session with no memory and the ids to run first: the document's first tokens,
+        the passages and the local window, in document order at consecutive positions."""
+        separator = self.tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+        context = reread_ids(session.token_ids, session.positions.tolist(), passages, separator)
+        return self._new_session("-", writes=False, state=None), context
+
     def stream(
         self,
         prompt: str,
@@ -263,11 +336,20 @@ class MemoryLM:
             check_memory_name(memory)
         prompt_ids = self.prompt_ids(prompt, chat)
         # A generation reads a snapshot: the session copies the window, and the lock keeps an
-        # ingest from committing halfway through the read of the store's state.
+        # ingest from committing halfway through the read of the store's state (and, for the
+        # passage read, of its blocks).
+        evidence: list[Passage] = []
+        context: list[int] = []
         with self._lock(memory or ""):
             session = self._open_session(memory, writes=False)
+            if self.config.read != "bag" and isinstance(session, MemorySession) and session.has_memory:
+                evidence = self.read_passages(session, prompt_ids, self.question_span(prompt, chat))
+                if self.config.read == "passages" and len(session.memory_layers) == self.shape.num_layers:
+                    session.place_passages(self.fetch_passages(session, evidence))
+                else:  # "reread", or memory in some layers only: the others hold no passage keys
+                    session, context = self.reread_session(session, evidence)
         session.positions_for(0)  # lay out the window to know where the prompt starts
-        used = session.window_end + len(prompt_ids) + max_new_tokens
+        used = session.window_end + len(context) + len(prompt_ids) + max_new_tokens
         if self.config.position_mode != "exact" and used > self.max_positions:
             raise ValueError(
                 f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) do not fit the model's "
@@ -278,8 +360,10 @@ class MemoryLM:
         eos = set(_as_list(self.tokenizer.eos_token_id) + _as_list(getattr(self.model.generation_config, "eos_token_id", None)))
         generated: list[int] = []
         text = ""
-        logits = self._forward(session, prompt_ids, logits="last")[-1]
+        logits = self._forward(session, context + prompt_ids, logits="last")[-1]
         retrieved = dict(session.retrieved)
+        if not evidence and retrieved:
+            evidence = bag_evidence(retrieved, self.config.block_len, self.config.sink_len)
         finish = "length"
         for _ in range(max_new_tokens):
             token = _pick(logits, temperature, top_p, generator)
@@ -303,7 +387,7 @@ class MemoryLM:
                 logits = self._forward(session, [token], logits="last")[-1]
         if result is not None:
             result.text, result.token_ids, result.finish_reason = text, generated, finish
-            result.prompt_tokens, result.retrieved = len(prompt_ids), retrieved
+            result.prompt_tokens, result.retrieved, result.evidence = len(prompt_ids), retrieved, evidence
 
     def generate(self, prompt: str, memory: str | None = None, **options) -> str:
         return "".join(piece.text for piece in self.stream(prompt, memory, **options))
@@ -313,6 +397,16 @@ class MemoryLM:
         for _ in self.stream(prompt, memory, result=result, **options):
             pass
         return result
+
+
+def bag_evidence(retrieved: dict[int, Retrieval], block_len: int, grid: int) -> list[Passage]:
+    """What a bag read placed in front of the prompt: every block some head read, ranked by
+    how many (layer, head, chunk) retrievals chose it."""
+    votes = new_votes()
+    for retrieval in retrieved.values():
+        for start in retrieval.positions[..., 0].reshape(-1):
+            votes[int(start)] += 1.0
+    return select_passages(votes, block_len, len(votes), 0, int(1e12), grid)
 
 
 def _as_list(value) -> list[int]:

@@ -54,6 +54,9 @@ class Task:
     # The sentences of the document worth noting, in document order, as written there: what
     # an rmt memory is trained to write down (memlm/train/methods.py).
     facts: tuple[str, ...] = ()
+    # The document's sentences that answer the question, as written there: what a memory's
+    # read must place in front of the model (evidence recall, memlm/bench/evidence.py).
+    evidence: tuple[str, ...] = ()
 
     def score(self, output: str) -> bool:
         if self.answers:
@@ -85,7 +88,7 @@ def passkey(num_tokens: int, depth: float, seed: int, tokens_per_char: float = 0
     document = FILLER * before + needle + FILLER * (repeats - before)
     question = "What is the pass key?"
     return Task(document, question, key, depth, prompt="What is the pass key? The pass key is", kind="passkey",
-                facts=(f"The pass key is {key}.",))
+                facts=(f"The pass key is {key}.",), evidence=(f"The pass key is {key}.",))
 
 
 def _scatter(filler: list[str], facts: list[tuple[float, str]]) -> str:
@@ -137,7 +140,8 @@ def kv_lines(
         # Any other line's value is a wrong answer, however close the line.
         others = tuple(v for v in values if v != value)
         prompt = f"{question} line {key}: REGISTER_CONTENT is <"
-        tasks.append(Task(document, question, value, at / num_lines, prompt, kind="kv-lines", distractors=others))
+        tasks.append(Task(document, question, value, at / num_lines, prompt, kind="kv-lines", distractors=others,
+                          evidence=(lines[at],)))
     return tasks
 
 
@@ -197,15 +201,16 @@ def multi_needle(
     needles = [f"The special magic number for {key} is {number}." for key, number in zip(keys, numbers)]
     document = _scatter(prose(rng, int(num_tokens / tokens_per_char)), list(zip(depths, needles)))
     tasks = []
-    for key, number, depth in zip(keys, numbers, depths):
+    for key, number, depth, needle in zip(keys, numbers, depths, needles):
         question = f"What is the special magic number for {key}?"
         tasks.append(Task(document, question, number, depth, prompt=f"{question} The special magic number for {key} is",
-                          kind="multi-needle-one", distractors=tuple(n for n in numbers if n != number)))  # fmt: skip
+                          kind="multi-needle-one", distractors=tuple(n for n in numbers if n != number),
+                          evidence=(needle,)))  # fmt: skip
     listed = ", ".join(keys[:-1]) + f" and {keys[-1]}" if len(keys) > 1 else keys[0]
     question = f"What are the special magic numbers for {listed}?"
     tasks.append(Task(document, question, ", ".join(numbers), min(depths),
                       prompt=f"{question} The special magic numbers for {listed} are", kind="multi-needle-all",
-                      answers=tuple(numbers), answer_tokens=12 * len(keys)))  # fmt: skip
+                      answers=tuple(numbers), answer_tokens=12 * len(keys), evidence=tuple(needles)))  # fmt: skip
     return tasks
 
 
@@ -232,26 +237,27 @@ def babilong(
     rooms = [rng.choice(ROOMS) for _ in depths]
     first_kind = rng.randrange(2)
     facts: list[tuple[float, str]] = []
-    questions: list[tuple[str, str, str, float, str]] = []  # (kind, question, prompt, depth, room)
+    questions: list[tuple[str, str, str, float, str, tuple[str, ...]]] = []  # (kind, question, prompt, depth, room, evidence)
     for i, (person, thing, room, depth) in enumerate(zip(people, things, rooms, depths)):
         move = f"{person} {rng.choice(MOVES)} the {room}."
         if (i + first_kind) % 2 == 0:
             facts.append((depth, move))
             question = f"Where is {person}?"
             prompt = f"Question: {question}\nAnswer: {person} is in the"
-            questions.append(("babilong-1fact", question, prompt, depth, room))
+            questions.append(("babilong-1fact", question, prompt, depth, room, (move,)))
         else:
             later = depth + (1 - depth) * rng.uniform(0.2, 0.6)
-            facts += [(depth, f"{person} picked up the {thing}."), (later, move)]
+            picked = f"{person} picked up the {thing}."
+            facts += [(depth, picked), (later, move)]
             question = f"Where is the {thing}?"
             prompt = f"Question: {question}\nAnswer: The {thing} is in the"
-            questions.append(("babilong-2fact", question, prompt, depth, room))
+            questions.append(("babilong-2fact", question, prompt, depth, room, (picked, move)))
     document = _scatter(prose(rng, int(num_tokens / tokens_per_char)), facts)
     noted = tuple(fact for _, fact in sorted(facts, key=lambda item: item[0]))
     return [
         Task(document, question, room, depth, prompt=prompt, kind=kind,
-             distractors=tuple(sorted(set(rooms) - {room})), facts=noted)  # fmt: skip
-        for kind, question, prompt, depth, room in questions
+             distractors=tuple(sorted(set(rooms) - {room})), facts=noted, evidence=evidence)  # fmt: skip
+        for kind, question, prompt, depth, room, evidence in questions
     ]
 
 
@@ -336,7 +342,78 @@ def handbook(
     document = "Handbook of the Northwind Cooperative.\n" + "".join(sections)
     tasks = [
         Task(document, f.question, f.answer, slot / len(sections), kind="docqa", answer_tokens=32,
-             distractors=tuple(other.answer for other in facts if other.kind == f.kind and other.answer != f.answer))
+             distractors=tuple(other.answer for other in facts if other.kind == f.kind and other.answer != f.answer),
+             evidence=(f.sentence.strip(),))
         for f, slot in zip(facts, slots)
     ]  # fmt: skip
     return document, tasks
+
+
+# -- needles in real prose ------------------------------------------------------------------
+
+VIM_TOKENS_PER_CHAR = 0.24  # the embedded model's tokenizer on the Vim manual's prose
+CODE_CHARS = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no 0/O or 1/I to confuse
+PLACES = ["server room", "archive", "bicycle shed", "north gate", "tool cabinet", "rooftop terrace", "print room",
+          "wine cellar", "boat house", "radio mast", "music studio", "loading dock"]  # fmt: skip
+JOBS = ["nurse", "baker", "carpenter", "pilot", "librarian", "chemist", "gardener", "translator", "welder", "potter"]
+
+
+def access_code(rng: random.Random) -> str:
+    """Six characters mixing letters and digits (at least two of each), e.g. 7QK4M2."""
+    while True:
+        code = "".join(rng.choice(CODE_CHARS) for _ in range(6))
+        if sum(c.isdigit() for c in code) >= 2 and sum(c.isalpha() for c in code) >= 2:
+            return code
+
+
+def real_prose(rng: random.Random, num_chars: int) -> list[str]:
+    """About `num_chars` characters of consecutive Vim-manual paragraphs from a random start."""
+    from memlm.corpus import vim_manual
+
+    paragraphs = vim_manual()
+    at = rng.randrange(len(paragraphs))
+    taken: list[str] = []
+    length = 0
+    while length < num_chars:
+        taken.append(paragraphs[at % len(paragraphs)])
+        length += len(taken[-1]) + 2
+        at += 1
+    return taken
+
+
+def prose_needles(
+    num_tokens: int, depths: Sequence[float], seed: int, tokens_per_char: float = VIM_TOKENS_PER_CHAR
+) -> list[Task]:
+    """Needles phrased as ordinary sentences in about `num_tokens` tokens of the Vim manual,
+    one per depth, alternating (from the first) between an access code that mixes letters and
+    digits ("The access code for the archive is 7QK4M2.", kind "prose-passkey"; the other
+    codes are its distractors) and a single fact about a person ("Lena Sato moved to Tartu
+    last spring to work as a baker.", kind "prose-fact"). Each question names its own place
+    or person."""
+    rng = random.Random(seed)
+    places = rng.sample(PLACES, len(depths))
+    names = rng.sample([f"{first} {last}" for first in FIRST for last in LAST], len(depths))
+    codes = [access_code(rng) for _ in depths]
+    paragraphs = real_prose(rng, int(num_tokens / tokens_per_char))
+    needles: list[tuple[float, str]] = []
+    made: list[tuple[str, str, str, str, float, str]] = []  # (kind, question, prompt, answer, depth, needle)
+    for i, (depth, place, name, code) in enumerate(zip(depths, places, names, codes)):
+        if i % 2 == 0:
+            needle = f"The access code for the {place} is {code}."
+            question = f"What is the access code for the {place}?"
+            made.append(("prose-passkey", question, f"{question} The access code for the {place} is", code, depth, needle))
+        else:
+            city = rng.choice(CITIES)
+            needle = f"{name} moved to {city} last spring to work as a {rng.choice(JOBS)}."
+            question = f"Which city did {name} move to?"
+            made.append(("prose-fact", question, f"{question} {name} moved to", city, depth, needle))
+        needles.append((depth, needle))
+    for depth, needle in sorted(needles, reverse=True):  # deepest first: earlier inserts shift nothing
+        paragraphs.insert(round(depth * len(paragraphs)), needle)
+    document = "\n\n".join(paragraphs)
+    used_codes = [answer for kind, *_, answer, _, _ in made if kind == "prose-passkey"]
+    return [
+        Task(document, question, answer, depth, prompt=prompt, kind=kind, evidence=(needle,), answer_tokens=12,
+             distractors=tuple(c for c in used_codes if c != answer) if kind == "prose-passkey" else ())
+        for kind, question, prompt, answer, depth, needle in made
+    ]  # fmt: skip

@@ -31,11 +31,12 @@ from dataclasses import dataclass, fields
 import grpc
 import numpy as np
 
-from memlm.protos import store_pb2, store_pb2_grpc
+from memlm.protos import from_tensor, store_pb2, store_pb2_grpc
 from memlm.store import MemoryNotFound, VectorStore, check_memory_name, open_store
 from memlm.store.settings import StoreSettings, memlm_home
 from memlm.store.wire import (
     blocks_from_proto,
+    blocks_to_proto,
     check_layout,
     layout_of_batch,
     queries_from_proto,
@@ -238,6 +239,26 @@ class MemoryStoreService(store_pb2_grpc.MemoryStoreServicer):
                 "send fewer queries per call or ask for a smaller top_k",
             )
         return result_to_proto(result)
+
+    @_answer_errors
+    def ReadBlocks(self, request, context):
+        store = self._ready(context)
+        check_memory_name(request.memory)
+        if request.skip_oldest < 0:
+            raise ValueError(f"skip_oldest must be >= 0, got {request.skip_oldest}")
+        starts = from_tensor(request.starts, "starts", ("int64",), ndim=1)
+        with self._lock(request.memory):
+            found = store.blocks_at(request.memory, request.layer, starts, request.skip_oldest)
+        size = sum(array.nbytes for array in (found.search_keys, found.keys, found.values, found.positions))
+        if size > self.config.max_message_bytes - (1 << 16):
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the reply would be {size} bytes, over the {self.config.max_message_bytes}-byte message limit; "
+                "ask for fewer blocks per call",
+            )
+        reply = store_pb2.BlockBatch()
+        blocks_to_proto(request.layer, found, reply)
+        return reply
 
     @_answer_errors
     def LoadState(self, request, context):

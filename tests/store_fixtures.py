@@ -33,6 +33,13 @@ def assert_same_results(got: SearchResult, expected: SearchResult) -> None:
     np.testing.assert_array_equal(got.values, expected.values)
 
 
+def assert_same_blocks(got: Blocks, expected: Blocks) -> None:
+    assert got.num_blocks == expected.num_blocks
+    if expected.num_blocks:
+        for name in ("search_keys", "keys", "values", "positions"):
+            np.testing.assert_array_equal(getattr(got, name), getattr(expected, name))
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -123,6 +130,15 @@ def check_against_faiss(store, reference_root, seed: int = 0, steps: int = 120) 
             else:
                 assert not isinstance(got, str), where
                 assert_same_results(got, expected)
+            # The passage read's fetch: some block starts, held or not (evicted, never written).
+            starts = np.sort(data_rng.choice(np.arange(0, position + 8, 4), size=min(6, position // 4 + 2), replace=False))
+            got = _outcome(lambda: store.blocks_at(memory, layer, starts))
+            expected = _outcome(lambda: reference.blocks_at(memory, layer, starts))
+            if isinstance(expected, str):
+                assert got == expected, where
+            else:
+                assert not isinstance(got, str), where
+                assert_same_blocks(got, expected)
         elif action == "evict":
             keep = int(rng.integers(0, 16))
             got = _outcome(lambda: store.evict_oldest(memory, layer, keep))

@@ -130,7 +130,7 @@ def test_quick_demo_end_to_end(embedded_lm, capsys) -> None:
     found = 0
     for block in questions:
         expected = block.split("expected: ")[1].split("  [")[0]
-        read = [line for line in block.splitlines() if line.strip().startswith("read tokens")]
+        read = [line for line in block.splitlines() if line.strip().startswith("read #")]
         assert read, block  # every answer shows where in the document the memory it read came from
         found += any(expected in line for line in read)
     assert found >= 1, out

@@ -26,7 +26,7 @@ def random_ids(n: int, seed: int) -> list[int]:
 def test_generation_from_memory_equals_stock_greedy_over_whole_context() -> None:
     """Decoding with the local KV cache and memory read at every step, with everything
     retrievable and exact positions, is greedy decoding over document + prompt."""
-    lm = tiny_lm(**EXACT)
+    lm = tiny_lm(**EXACT, read="bag")
     document, prompt = random_ids(150, 5), "hello there"
     lm.ingest_tokens(document, "doc", progress=False)
     result = lm.generate_full(prompt, memory="doc", chat=False, max_new_tokens=12)
@@ -40,13 +40,17 @@ def test_generation_from_memory_equals_stock_greedy_over_whole_context() -> None
     assert len(result.token_ids) >= 1
 
 
-def test_generation_reads_memory_and_does_not_change_it() -> None:
-    lm = tiny_lm(segment_len=16, sink_len=4, local_len=16, block_len=4, top_k=2)
+@pytest.mark.parametrize("read", ["passages", "bag"])
+def test_generation_reads_memory_and_does_not_change_it(read: str) -> None:
+    lm = tiny_lm(segment_len=16, sink_len=4, local_len=16, block_len=4, top_k=2, read=read, read_blocks=2, read_context=4)
     lm.ingest_tokens(random_ids(300, 6), "doc", progress=False)
     before = lm.store.stats("doc"), lm.store.load_state("doc")["next_position"]
     result = lm.generate_full("what now", memory="doc", chat=False, max_new_tokens=5)
-    assert result.retrieved, "the prompt's forward pass must have read memory"
-    assert all(r.positions.shape[2] == 2 for r in result.retrieved.values())  # top_k blocks each
+    assert result.evidence, "the question must have read memory"
+    if read == "bag":  # every head read its own top_k blocks
+        assert all(r.positions.shape[2] == 2 for r in result.retrieved.values())
+    else:  # two blocks, each widened by 4 tokens on either side
+        assert not result.retrieved and sum(p.end - p.start for p in result.evidence) <= 2 * (4 + 4 + 4)
     assert (lm.store.stats("doc"), lm.store.load_state("doc")["next_position"]) == before
 
 

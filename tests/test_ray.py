@@ -44,7 +44,7 @@ def pipeline():
 
 @pytest.mark.slow
 def test_two_shards_give_the_same_tokens_as_one_process(pipeline):
-    reference = tiny_lm(**SETTINGS)
+    reference = tiny_lm(**SETTINGS, read="bag")  # the pipeline's read (PipelineConfig.memory_config)
     got, expected = pipeline.ingest(DOC, "doc", progress=False), reference.ingest(DOC, "doc", progress=False)
     assert (got.tokens, got.segments, got.memory_tokens) == (expected.tokens, expected.segments, expected.memory_tokens)
     assert got.memory_tokens > 0

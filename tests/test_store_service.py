@@ -205,6 +205,20 @@ def test_bad_search_and_unknown_memory(server):
     assert search(ok, top_k=0) == grpc.StatusCode.INVALID_ARGUMENT
     assert search(ok, memory="../m") == grpc.StatusCode.INVALID_ARGUMENT
     assert search(ok, memory="nope") == grpc.StatusCode.NOT_FOUND
+
+    def read_blocks(starts: np.ndarray, memory="m", skip_oldest=0) -> grpc.StatusCode:
+        request = store_pb2.ReadBlocksRequest(memory=memory, layer=0, skip_oldest=skip_oldest)
+        to_tensor(starts, request.starts)
+        return call_code(stub.ReadBlocks, request)
+
+    held = np.array([0, 8], np.int64)
+    assert read_blocks(held) == grpc.StatusCode.OK
+    assert read_blocks(np.array([1000], np.int64)) == grpc.StatusCode.OK  # not held: an empty reply
+    assert read_blocks(held.astype(np.float32)) == grpc.StatusCode.INVALID_ARGUMENT
+    assert read_blocks(held.reshape(1, 2)) == grpc.StatusCode.INVALID_ARGUMENT
+    assert read_blocks(held, skip_oldest=-1) == grpc.StatusCode.INVALID_ARGUMENT
+    assert read_blocks(held, memory="../m") == grpc.StatusCode.INVALID_ARGUMENT
+    assert read_blocks(held, memory="nope") == grpc.StatusCode.NOT_FOUND
     for call, request in [
         (stub.Stats, store_pb2.StatsRequest(memory="nope")),
         (stub.Drop, store_pb2.DropRequest(memory="nope")),

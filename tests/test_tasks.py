@@ -13,7 +13,18 @@ import torch
 from conftest import tiny_lm
 
 from memlm.bench import eval as suite
-from memlm.tasks import PEOPLE, ROOMS, Task, babilong, handbook, kv_lines, multi_needle, passkey, score_answer
+from memlm.tasks import (
+    PEOPLE,
+    ROOMS,
+    Task,
+    babilong,
+    handbook,
+    kv_lines,
+    multi_needle,
+    passkey,
+    prose_needles,
+    score_answer,
+)
 
 DEPTHS = [0.1, 0.35, 0.6, 0.85]
 GENERATORS = {
@@ -22,6 +33,7 @@ GENERATORS = {
     "multi-needle": lambda n, seed: multi_needle(n, DEPTHS, seed),
     "babilong": lambda n, seed: babilong(n, DEPTHS, seed),
     "docqa": lambda n, seed: handbook(n, seed, depths=DEPTHS)[1],
+    "prose-needles": lambda n, seed: prose_needles(n, DEPTHS, seed),
 }
 
 
@@ -55,6 +67,8 @@ def test_every_task_states_its_answer_near_its_depth(name: str) -> None:
             assert at >= 0, f"{task.kind}: {answer!r} is not in the document"
         if not task.answers:  # one fact: it sits where the task says
             assert abs(task.document.find(anchor(task)) / len(task.document) - task.depth) < 0.08, task.kind
+        # The sentences that answer it are in the document as written (evidence recall finds them).
+        assert task.evidence and all(sentence in task.document for sentence in task.evidence), task.kind
         # The right answer passes its own scorer; distractors are never the answer.
         assert task.score(f"{task.answer}.")
         assert task.answer not in task.distractors
@@ -183,7 +197,7 @@ def test_retention_is_accuracy_over_the_plain_models_in_window_accuracy() -> Non
     trials = [trial("plain", "passkey", 2_000, r) for r in (True, True, True, False)]  # 0.75 in the window
     trials += [trial("plain", "passkey", 8_000, r) for r in (True, False, False, False)]
     trials += [trial("fot", "passkey", 2_000, True)] * 4 + [trial("fot", "passkey", 8_000, r) for r in (1, 1, 1, 0)]
-    accuracy, retention = suite.summarize(trials, config)
+    accuracy, retention, _ = suite.summarize(trials, config)
     cell = accuracy["passkey"]["fot"]["8000"]
     assert (cell["right"], cell["n"], cell["accuracy"]) == (3, 4, 0.75)
     assert cell["ci95"] == pytest.approx(list(suite.wilson(3, 4)))
@@ -204,10 +218,15 @@ def test_the_suite_runs_on_a_tiny_model_and_writes_its_report(tmp_path) -> None:
     trials = suite.run_config("plain", None, base, docs) + suite.run_config("fot", lm, base, docs)
     questions = sum(len(tasks) for *_, tasks in docs)
     assert len(trials) == 2 * questions and lm.memories() == []
-    accuracy, retention = suite.summarize(trials, config)
+    # Every memory answer says whether the read held its evidence; the plain model reads nothing.
+    assert all(t.evidence_read is not None for t in trials if t.config == "fot")
+    assert all(t.evidence_read is None and t.evidence_rank is None for t in trials if t.config == "plain")
+    accuracy, retention, evidence = suite.summarize(trials, config)
+    assert all(evidence[kind]["fot"]["120"]["n"] > 0 and evidence[kind]["plain"]["120"]["n"] == 0 for kind in evidence)
     assert set(accuracy) == {kind for family in suite.FAMILIES.values() for kind in family.kinds}
     report = {"configs": config.configs, "lengths": config.all_lengths, "model": "tiny", "model_window": 4096,
-              "accuracy": accuracy, "retention": retention, "retention_reference": "plain at 60 tokens",
+              "accuracy": accuracy, "retention": retention, "evidence": evidence,
+              "retention_reference": "plain at 60 tokens",
               "trials": [suite.asdict(t) for t in trials]}  # fmt: skip
     suite.print_table(report)
     json.dumps(report, allow_nan=False)  # valid JSON: no NaN
@@ -248,7 +267,7 @@ def test_an_interrupted_run_continues_from_its_checkpoint_without_asking_again(t
     config = suite.EvalConfig(lengths=[120], window_length=60, trials=1, families=["passkey", "babilong"])
     docs = [(family, n, seed, [replace(t, answer_tokens=2) for t in tasks]) for family, n, seed, tasks in
             suite.documents(config)]  # fmt: skip
-    header = {"model": "tiny", "dtype": "bfloat16", "defaults": {}}
+    header = {"model": "tiny", "dtype": "bfloat16", "defaults": {}, "chat": True}
     checkpoint = tmp_path / "eval.trials.jsonl"
     checkpoint.write_text(json.dumps(header) + "\n")
     full = suite.run_config("fot", lm, base, docs, checkpoint=checkpoint)

@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -34,13 +35,17 @@ from memlm.bench.common import check_names, report_header
 from memlm.bench.passkey import Question, plain_answers
 from memlm.config import BACKENDS, MemoryConfig
 from memlm.engine import MemoryLM
+from memlm.memory.reading import evidence_rank, token_spans
 from memlm.model.loading import load_model
 from memlm.store import FaissStore
-from memlm.tasks import Task, babilong, handbook, kv_lines, multi_needle, passkey
+from memlm.tasks import Task, babilong, handbook, kv_lines, multi_needle, passkey, prose_needles
 from memlm.train.adapter import shipped_adapter
 from memlm.train.data import TRAIN_SEED_BASE
 
-CONFIGS: tuple[str, ...] = ("plain", *BACKENDS)  # "plain": the model alone, its input cut to its window
+# "plain": the model alone, its input cut to its window; "<backend>-<read>": fot or knn with the
+# re-read or the per-head read instead of the passage read (MemoryConfig.read).
+CONFIGS: tuple[str, ...] = ("plain", *BACKENDS, "fot-reread", "fot-bag", "knn-bag")
+DEFAULT_CONFIGS: tuple[str, ...] = ("plain", *BACKENDS)
 LONG_LENGTH = 128_000
 DEPTH_BINS = 5
 
@@ -55,6 +60,7 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {
+    "prose-needles": Family(prose_needles, 4, ("prose-passkey", "prose-fact")),
     "passkey": Family(lambda n, depths, seed: [passkey(n, depths[0], seed)], 1, ("passkey",)),
     "kv-lines": Family(kv_lines, 4, ("kv-lines",)),
     "multi-needle": Family(multi_needle, 4, ("multi-needle-one", "multi-needle-all")),
@@ -79,6 +85,11 @@ class Trial:
     # Plain model only: whether the answer lay in the part of the document that fits its
     # window (when not, it was not run: it cannot know the answer). None for the backends.
     visible: bool | None = None
+    # Memory backends that read passages or blocks: the worst rank of the passages that held
+    # the task's evidence sentences, None when one was not read (`evidence_read` False); both
+    # None where nothing is read from a store (plain, xl, rmt).
+    evidence_rank: int | None = None
+    evidence_read: bool | None = None
 
 
 @dataclass
@@ -87,9 +98,12 @@ class EvalConfig:
     window_length: int = 2_000  # the in-window reference length (whole document visible)
     trials: int = 5  # documents per task family, length and configuration
     families: list[str] = field(default_factory=lambda: list(FAMILIES))
-    configs: list[str] = field(default_factory=lambda: list(CONFIGS))
+    configs: list[str] = field(default_factory=lambda: list(DEFAULT_CONFIGS))
     model: str | None = None
     seed: int = 0
+    # Questions in the model's chat template, as users ask them (`memlm ask`, the demo, gRPC
+    # Generate); False: each task's raw continuation prompt where it has one.
+    chat: bool = True
     out_dir: Path = Path("benchmarks/results")
     name: str = "eval"
     resume: list[Path] = field(default_factory=list)  # earlier reports or checkpoints; later ones win
@@ -134,10 +148,11 @@ def document_depths(document: int, documents: int, questions: int) -> list[float
     return [(j * documents + document + 0.5) / total for j in range(questions)]
 
 
-def prompt_text(lm: MemoryLM, task: Task) -> str:
-    """What follows the document: the task's raw prompt, or its question in the chat template
-    as text, so that the plain model and the memory backends read the same tokens."""
-    if task.prompt is not None:
+def prompt_text(lm: MemoryLM, task: Task, chat: bool) -> str:
+    """What follows the document for the plain model: its question in the chat template as
+    text (the tokens `MemoryLM.prompt_ids(question)` gives the backends), or with `chat`
+    False the task's raw prompt where it has one."""
+    if task.prompt is not None and not chat:
         return task.prompt
     if lm.tokenizer.chat_template:
         messages = [{"role": "user", "content": task.question}]
@@ -173,7 +188,7 @@ def answered_before(paths: Sequence[Path], header: dict) -> dict[DocumentKey, li
         else:
             earlier = json.loads(path.read_text())
             rows = earlier.get("trials", [])
-        for key in ("model", "dtype", "defaults"):
+        for key in ("model", "dtype", "defaults", "chat"):
             if earlier.get(key) != header[key]:
                 raise ValueError(f"{path} was run with another {key}; its answers cannot be reused")
         found: dict[DocumentKey, list[Trial]] = {}
@@ -202,6 +217,7 @@ def run_config(
     docs: Sequence[Document],
     reuse: dict[DocumentKey, list[Trial]] | None = None,
     checkpoint: Path | None = None,
+    chat: bool = True,
 ) -> list[Trial]:
     """Ask every question of every document; `lm` None is the plain model (`base`, cut to its window).
     A document in `reuse` (answered_before) keeps its earlier trials; each newly answered
@@ -217,7 +233,7 @@ def run_config(
         done_before = len(trials)
         document = tasks[0].document
         tokens = len(base.tokenizer(document, add_special_tokens=False)["input_ids"])
-        prompts = [prompt_text(base, task) for task in tasks]
+        prompts = [prompt_text(base, task, chat) for task in tasks]
         if lm is None:
             # The plain model reads the document once for all its questions; it is skipped (None)
             # on a question whose answer lies outside its window; for a question about several
@@ -228,13 +244,18 @@ def run_config(
         else:
             lm.ingest(document, memory="eval", progress=False)
         for index, (task, prompt) in enumerate(zip(tasks, prompts)):
+            rank, read = None, None
             if lm is None:
                 output, visible = answered[index] or "", answered[index] is not None
             else:
-                output = lm.generate(prompt, memory="eval", chat=False, max_new_tokens=task.answer_tokens)
-                visible = None
+                asked = dict(prompt=task.question, chat=True) if chat or task.prompt is None else dict(prompt=prompt, chat=False)
+                result = lm.generate_full(**asked, memory="eval", max_new_tokens=task.answer_tokens)
+                output, visible = result.text, None
+                if result.evidence and task.evidence:
+                    rank = evidence_rank(result.evidence, token_spans(base.tokenizer, document, task.evidence))
+                    read = rank is not None
             trials.append(Trial(name, family, task.kind, length, tokens, task.depth, seed, task.question,
-                                task.answer, output, task.score(output), visible))  # fmt: skip
+                                task.answer, output, task.score(output), visible, rank, read))  # fmt: skip
             right = [t.right for t in trials if t.length == length]
             bar.set_postfix(task=family, length=str(length), acc=f"{sum(right) / len(right):.2f}")
             bar.update()
@@ -251,21 +272,31 @@ def keep(checkpoint: Path | None, trials: list[Trial]) -> None:
             file.writelines(json.dumps(asdict(t)) + "\n" for t in trials)
 
 
-def summarize(trials: list[Trial], config: EvalConfig) -> tuple[dict, dict]:
+def summarize(trials: list[Trial], config: EvalConfig) -> tuple[dict, dict, dict]:
     """accuracy[kind][config][length] = {right, n, accuracy, ci95}; retention[kind][config][length]
-    = accuracy / the plain model's in-window accuracy on that kind (None when that is 0)."""
+    = accuracy / the plain model's in-window accuracy on that kind (None when that is 0);
+    evidence[kind][config][length] = {read, n, recall, ci95, median_rank} for the configurations
+    that read passages or blocks (n = 0 for the others)."""
     kinds = [kind for family in config.families for kind in FAMILIES[family].kinds]
     accuracy: dict = {}
     retention: dict = {}
+    evidence: dict = {}
     for kind in kinds:
-        accuracy[kind], retention[kind] = {}, {}
+        accuracy[kind], retention[kind], evidence[kind] = {}, {}, {}
         for name in config.configs:
-            accuracy[kind][name] = {}
+            accuracy[kind][name], evidence[kind][name] = {}, {}
             for length in config.all_lengths:
-                hits = [t.right for t in trials if t.kind == kind and t.config == name and t.length == length]
-                right, n = sum(hits), len(hits)
+                cell = [t for t in trials if t.kind == kind and t.config == name and t.length == length]
+                right, n = sum(t.right for t in cell), len(cell)
                 accuracy[kind][name][str(length)] = {
                     "right": right, "n": n, "accuracy": right / n if n else None, "ci95": list(wilson(right, n)),
+                }  # fmt: skip
+                ranks = [t.evidence_rank for t in cell if t.evidence_read is not None]
+                found = [rank for rank in ranks if rank is not None]
+                evidence[kind][name][str(length)] = {
+                    "read": len(found), "n": len(ranks), "recall": len(found) / len(ranks) if ranks else None,
+                    "ci95": list(wilson(len(found), len(ranks))),
+                    "median_rank": float(np.median(found)) if found else None,
                 }  # fmt: skip
         reference = in_window_reference(accuracy[kind], config)
         for name in config.configs:
@@ -273,7 +304,7 @@ def summarize(trials: list[Trial], config: EvalConfig) -> tuple[dict, dict]:
                 str(length): None if not reference or cell["accuracy"] is None else cell["accuracy"] / reference
                 for length, cell in ((n, accuracy[kind][name][str(n)]) for n in config.all_lengths)
             }
-    return accuracy, retention
+    return accuracy, retention, evidence
 
 
 def in_window_reference(by_config: dict, config: EvalConfig) -> float | None:
@@ -286,7 +317,7 @@ def in_window_reference(by_config: dict, config: EvalConfig) -> float | None:
 def config_adapter(name: str, model: str | None) -> Path | None:
     """The adapter a configuration runs with: the one shipped for its backend, on the
     embedded model only (as `MemoryLM.load` does)."""
-    return shipped_adapter(name) if model is None else None
+    return shipped_adapter(name.partition("-")[0]) if model is None else None
 
 
 def config_lm(name: str, hf_model, tokenizer, model: str | None) -> MemoryLM | None:
@@ -295,15 +326,17 @@ def config_lm(name: str, hf_model, tokenizer, model: str | None) -> MemoryLM | N
     `hf_model`."""
     if name == "plain":
         return None
-    if config_adapter(name, model) is not None:
-        return MemoryLM.load(backend=name, store=FaissStore(None))
-    return MemoryLM(hf_model, tokenizer, FaissStore(None), MemoryConfig(backend=name))
+    backend, _, read = name.partition("-")
+    settings = dict(backend=backend, read=read or "passages")
+    if config_adapter(backend, model) is not None:
+        return MemoryLM.load(store=FaissStore(None), **settings)
+    return MemoryLM(hf_model, tokenizer, FaissStore(None), MemoryConfig(**settings))
 
 
 def evaluate(config: EvalConfig) -> dict:
     """Run every configuration on the same documents; returns the report (see `run`)."""
     config.validate()
-    header = report_header(config.model)
+    header = {**report_header(config.model), "chat": config.chat}
     # Read before the model loads (a bad file fails at once) and before the checkpoint below restarts.
     reuse = answered_before(config.resume, header)
     if reuse:
@@ -327,9 +360,9 @@ def evaluate(config: EvalConfig) -> dict:
         adapter = config_adapter(name, config.model)
         if adapter is not None:
             adapters[name] = adapter.name
-        trials += run_config(name, lm, base, docs, reuse, config.checkpoint)
+        trials += run_config(name, lm, base, docs, reuse, config.checkpoint, config.chat)
         seconds[name] = time.perf_counter() - started
-    accuracy, retention = summarize(trials, config)
+    accuracy, retention, evidence = summarize(trials, config)
     return {
         **header,
         "model_window": base.max_positions,
@@ -342,8 +375,10 @@ def evaluate(config: EvalConfig) -> dict:
         "families": {name: {"questions_per_document": FAMILIES[name].questions, "kinds": FAMILIES[name].kinds}
                      for name in config.families},  # fmt: skip
         "retention_reference": f"plain at {config.window_length} tokens",
+        "chat": config.chat,
         "accuracy": accuracy,
         "retention": retention,
+        "evidence": evidence,
         "seconds": seconds,  # spent in this run (reused answers cost nothing)
         "resumed_from": [str(path) for path in config.resume],
         "trials": [asdict(t) for t in trials],
@@ -382,6 +417,20 @@ def print_table(report: dict) -> None:
             kept = [report["retention"][kind][name][str(n)] for n in lengths]
             print(f"{kind:<18}{name:<7}" + "".join(f"{c:>24}" for c in cells)
                   + "".join(f"{'-' if r is None else f'{r:.2f}':>10}" for r in kept))  # fmt: skip
+    print("\nevidence recall: the share of questions whose evidence sentences the read placed in front of the model"
+          " [95% Wilson interval] (n), median rank of the passage holding it")
+    for kind, by_config in report.get("evidence", {}).items():
+        for name, by_length in by_config.items():
+            cells = []
+            for n in lengths:
+                cell = by_length[str(n)]
+                if not cell["n"]:
+                    cells.append("-")
+                    continue
+                rank = "-" if cell["median_rank"] is None else f"{cell['median_rank']:.0f}"
+                cells.append(f"{cell['recall']:.2f} [{cell['ci95'][0]:.2f},{cell['ci95'][1]:.2f}] ({cell['n']}) r{rank}")
+            if any(c != "-" for c in cells):
+                print(f"{kind:<18}{name:<7}" + "".join(f"{c:>30}" for c in cells))
 
 
 def depth_grid(trials: list[dict], lengths: list[int]) -> list[list[float]]:

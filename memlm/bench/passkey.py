@@ -1,7 +1,11 @@
 """`memlm bench passkey`: passkey retrieval at several lengths for the plain model and the
 memory configurations side by side, plus ingest throughput against a plain segmented
 forward pass, decode time per token with a full memory against an empty one, and memory
-bytes per token. Prints a table and writes `passkey.json` and `passkey.png`."""
+bytes per token. Prints a table and writes `passkey.json` and `passkey.png`.
+
+By default the key is an access code of letters and digits in an ordinary sentence inside
+the Vim manual's prose, asked in the chat template as users ask (`haystack="filler"`: the
+classic repeated "The grass is green." filler; `chat=False`: the raw continuation prompt)."""
 
 from __future__ import annotations
 
@@ -18,13 +22,15 @@ from memlm.bench.common import check_names, report_header
 from memlm.config import MemoryConfig
 from memlm.engine import MemoryLM
 from memlm.model.loading import load_model
+from memlm.memory.reading import evidence_rank, token_spans
 from memlm.store import FaissStore
-from memlm.tasks import passkey
+from memlm.tasks import Task, passkey, prose_needles
 
 # name -> MemoryConfig overrides; "plain" is the model alone, its input cut to its window.
 CONFIGS: dict[str, dict | None] = {
     "plain": None,
     "fot-window": dict(backend="fot", position_mode="window"),
+    "fot-bag": dict(backend="fot", read="bag"),
     "fot-zero": dict(backend="fot", position_mode="zero"),
     "fot-exact": dict(backend="fot", position_mode="exact"),
     "knn-window": dict(backend="knn", position_mode="window"),
@@ -41,6 +47,8 @@ class Trial:
     output: str
     right: bool
     ingest_s: float
+    evidence_rank: int | None = None  # rank of the passage that held the key's sentence
+    evidence_read: bool | None = None  # None: nothing was read from a store (plain)
 
 
 @dataclass
@@ -52,6 +60,10 @@ class ConfigResult:
     def accuracy(self, length: int) -> float:
         hits = [t.right for t in self.trials if t.length == length]
         return sum(hits) / len(hits) if hits else float("nan")
+
+    def evidence_recall(self, length: int) -> float | None:
+        read = [t.evidence_read for t in self.trials if t.length == length and t.evidence_read is not None]
+        return sum(read) / len(read) if read else None
 
 
 @dataclass(frozen=True)
@@ -95,30 +107,52 @@ def plain_answers(lm: MemoryLM, document: str, questions: list[Question]) -> lis
     return outputs
 
 
-def run_trials(lm: MemoryLM | None, base: MemoryLM, name: str, lengths: list[int], trials: int) -> ConfigResult:
+def passkey_task(length: int, depth: float, seed: int, haystack: str) -> Task:
+    if haystack == "filler":
+        return passkey(length, depth=depth, seed=seed)
+    if haystack == "prose":
+        return prose_needles(length, [depth], seed=seed)[0]
+    raise ValueError(f"unknown haystack {haystack!r}; choose prose or filler")
+
+
+def run_trials(
+    lm: MemoryLM | None, base: MemoryLM, name: str, lengths: list[int], trials: int, haystack: str, chat: bool
+) -> ConfigResult:
     result = ConfigResult(name, CONFIGS[name])
     bar = tqdm(total=len(lengths) * trials, desc=f"passkey {name}", unit="trial")
     for length in lengths:
         for trial in range(trials):
             depth = (trial + 0.5) / trials  # spread evenly over the document
-            task = passkey(length, depth=depth, seed=10_000 * length + trial)
+            task = passkey_task(length, depth, 10_000 * length + trial, haystack)
             started = time.perf_counter()
+            rank = read = None
             if lm is None:
-                [output] = plain_answers(base, task.document, [Question(task.prompt, task.answer)])
+                prompt = lm_prompt_text(base, task, chat)
+                [output] = plain_answers(base, task.document, [Question(prompt, task.answer, task.answer_tokens)])
                 ran = output is not None
                 output = output if ran else "(the key lies outside the model's window: not run)"
                 ingest_s, tokens = 0.0, len(base.tokenizer(task.document)["input_ids"])
             else:
                 stats = lm.ingest(task.document, memory="bench", progress=False)
                 ingest_s, tokens = time.perf_counter() - started, stats.tokens
-                output = lm.generate(task.prompt, memory="bench", chat=False, max_new_tokens=8)
+                asked = task.question if chat else task.prompt
+                answer = lm.generate_full(asked, memory="bench", chat=chat, max_new_tokens=task.answer_tokens)
+                output = answer.text
+                if answer.evidence:
+                    rank = evidence_rank(answer.evidence, token_spans(base.tokenizer, task.document, task.evidence))
+                    read = rank is not None
                 lm.forget("bench")
             right = task.score(output) if lm is not None or ran else False
-            result.trials.append(Trial(length, tokens, depth, task.answer, output, right, ingest_s))
+            result.trials.append(Trial(length, tokens, depth, task.answer, output, right, ingest_s, rank, read))
             bar.set_postfix(length=length, acc=f"{result.accuracy(length):.2f}")
             bar.update()
     bar.close()
     return result
+
+
+def lm_prompt_text(lm: MemoryLM, task: Task, chat: bool) -> str:
+    """The prompt as text: the question in the chat template, or the raw continuation prompt."""
+    return lm.tokenizer.decode(lm.prompt_ids(task.question, chat=True)) if chat else task.prompt
 
 
 @torch.inference_mode()
@@ -149,10 +183,22 @@ def throughput(lm: MemoryLM, length: int, repeats: int = 2) -> dict:
             lm._forward(session, [42], logits="last")
         return (time.perf_counter() - started) / steps * 1000
 
+    def first_token_s(read: str) -> float:
+        """A question asked in the chat template, to its first token, with the `read` mode."""
+        configured, lm.config = lm.config, replace(lm.config, read=read)
+        try:
+            started = time.perf_counter()
+            lm.generate_full(task.question, memory="bench-full", max_new_tokens=1)
+            return time.perf_counter() - started
+        finally:
+            lm.config = configured
+
     timings = [(plain_s(), ingest_s()) for _ in range(repeats)]
     plain, ingest = min(t[0] for t in timings), min(t[1] for t in timings)
     decodes = [(decode_ms("bench-full"), decode_ms(None)) for _ in range(repeats)]
     full_ms, empty_ms = min(d[0] for d in decodes), min(d[1] for d in decodes)
+    first_tokens = [(first_token_s("passages"), first_token_s("bag")) for _ in range(repeats)]
+    passages_s, bag_s = min(f[0] for f in first_tokens), min(f[1] for f in first_tokens)
     stats = lm.store.stats("bench-full")
     window_tokens = len(lm.store.load_state("bench-full").get("window_positions", ()))  # rmt has no window
     lm.forget("bench-full")
@@ -164,6 +210,9 @@ def throughput(lm: MemoryLM, length: int, repeats: int = 2) -> dict:
         "decode_ms_full_memory": full_ms,
         "decode_ms_empty_memory": empty_ms,
         "decode_ratio": full_ms / empty_ms,
+        "first_token_s_passages": passages_s,
+        "first_token_s_bag": bag_s,
+        "first_token_ratio": passages_s / bag_s,
         "memory_tokens": stats.tokens,
         "memory_bytes_per_token": stats.bytes / max(1, stats.tokens),
         "window_tokens": window_tokens,
@@ -178,9 +227,12 @@ def run(
     out_dir: Path = Path("benchmarks/results"),
     throughput_length: int = 32_000,
     name: str = "passkey",
+    haystack: str = "prose",
+    chat: bool = True,
 ) -> dict:
     names = list(CONFIGS) if configs == "all" else configs.split(",")
     check_names("configuration", names, CONFIGS)
+    passkey_task(100, 0.5, 0, haystack)  # an unknown haystack fails before the model loads
     hf_model, tokenizer = load_model(model, dtype=torch.bfloat16)
     base = MemoryLM(hf_model, tokenizer, FaissStore(None), MemoryConfig())
     results = []
@@ -188,20 +240,25 @@ def run(
     for config in names:
         settings = CONFIGS[config]
         lm = None if settings is None else MemoryLM(hf_model, tokenizer, FaissStore(None), replace(MemoryConfig(), **settings))
-        results.append(run_trials(lm, base, config, lengths, trials))
-        save(report_of(results, speed, lengths, trials, model), out_dir, name)  # partial results survive a stop
-    report = report_of(results, speed, lengths, trials, model)
+        results.append(run_trials(lm, base, config, lengths, trials, haystack, chat))
+        save(report_of(results, speed, lengths, trials, model, haystack, chat), out_dir, name)  # partial results survive a stop
+    report = report_of(results, speed, lengths, trials, model, haystack, chat)
     print_table(report)
     save(report, out_dir, name)
     return report
 
 
-def report_of(results: list[ConfigResult], speed: dict, lengths: list[int], trials: int, model: str | None) -> dict:
+def report_of(
+    results: list[ConfigResult], speed: dict, lengths: list[int], trials: int, model: str | None, haystack: str, chat: bool
+) -> dict:
     return {
         **report_header(model),
+        "haystack": haystack,
+        "chat": chat,
         "lengths": lengths,
         "trials_per_length": trials,
         "accuracy": {r.name: {str(n): r.accuracy(n) for n in lengths} for r in results},
+        "evidence_recall": {r.name: {str(n): r.evidence_recall(n) for n in lengths} for r in results},
         "throughput": speed,
         "trials": {r.name: [asdict(t) for t in r.trials] for r in results},
     }
@@ -216,10 +273,13 @@ def save(report: dict, out_dir: Path, name: str) -> None:
 
 def print_table(report: dict) -> None:
     lengths = report["lengths"]
-    print(f"\npasskey accuracy ({report['trials_per_length']} trials per length)")
-    print(f"{'config':<12}" + "".join(f"{n:>9}" for n in lengths))
+    print(f"\npasskey accuracy ({report['trials_per_length']} trials per length; {report['haystack']} haystack, "
+          f"{'chat' if report['chat'] else 'raw'} prompts); in brackets, evidence recall (key's sentence read)")  # fmt: skip
+    print(f"{'config':<12}" + "".join(f"{n:>14}" for n in lengths))
     for name, by_length in report["accuracy"].items():
-        print(f"{name:<12}" + "".join(f"{by_length[str(n)]:>9.2f}" for n in lengths))
+        recall = report["evidence_recall"][name]
+        cells = [f"{by_length[str(n)]:.2f}" + ("" if recall[str(n)] is None else f" [{recall[str(n)]:.2f}]") for n in lengths]
+        print(f"{name:<12}" + "".join(f"{c:>14}" for c in cells))
     s = report["throughput"]
     if not s:
         return
@@ -229,6 +289,9 @@ def print_table(report: dict) -> None:
         f"{s['memory_tokens']} tokens of memory vs {s['decode_ms_empty_memory']:.1f} empty "
         f"(ratio {s['decode_ratio']:.2f}); {s['memory_bytes_per_token'] / 1024:.1f} KiB of memory per token"
     )
+    if "first_token_s_passages" in s:
+        print(f"time to first token: passage read {s['first_token_s_passages']:.2f} s vs per-head read "
+              f"{s['first_token_s_bag']:.2f} s (ratio {s['first_token_ratio']:.2f})")
 
 
 def plot(report: dict, path: Path) -> None:

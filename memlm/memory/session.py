@@ -76,6 +76,10 @@ class MemorySession:
         self.memory_layers = set(config.layer_indices(shape.num_layers))
         self.reads_memory = config.read_memory_in_ingest or not writes
         self.retrieved: dict[int, Retrieval] = {}
+        # Probing a prompt for the passage read: where its question's tokens lie, and each
+        # memory layer's queries there (Hkv, G, Tq, D); the memory is not read meanwhile.
+        self.question: slice | None = None
+        self.question_queries: dict[int, torch.Tensor] = {}
         heads, dim = shape.num_kv_heads, shape.head_dim
         if state is None:
             empty = torch.zeros(heads, 0, dim, dtype=shape.dtype, device=shape.device)
@@ -136,6 +140,43 @@ class MemorySession:
         self._new_positions = torch.arange(start, start + num_new)
         return self._new_positions
 
+    def reset_layout(self) -> None:
+        """Forget the forward passes since the layout (a probe of the prompt): a generation's
+        window is as it was loaded."""
+        self._layout_done = False
+        self.question, self.question_queries, self.retrieved = None, {}, {}
+        for window in self.windows:
+            window.cache_keys = window.cache_values = window.new_keys = window.new_values = None
+
+    def place_passages(self, fetched: dict[int, Blocks]) -> None:
+        """The passage read from stored keys and values: every layer's fetched blocks (the
+        same blocks in each: keys unrotated, with document positions) join its local
+        attention between the sinks and the window, in document order, and the memory is
+        not read again. The layout then gives every token in view a consecutive position,
+        [sinks][passages][window][prompt], as if those tokens were the whole document."""
+        if set(fetched) != set(range(self.shape.num_layers)):
+            raise ValueError("the passage read needs every layer's blocks (memory_layers='all'); use read='reread'")
+        positions = {tuple(blocks.positions[:, 0]) for blocks in fetched.values()}
+        if len(positions) != 1:
+            raise ValueError("the memory's layers hold different blocks; cannot lay out one passage read")
+        sinks = self.sink_count
+        for layer, window in enumerate(self.windows):
+            blocks = fetched[layer]
+            heads, num_blocks, block, dim = blocks.keys.shape
+            if num_blocks == 0:
+                continue
+
+            def tokens(array: np.ndarray) -> torch.Tensor:  # (H, N, B, D) -> (H, N*B, D)
+                flat = torch.from_numpy(array.astype(np.float32).reshape(heads, num_blocks * block, dim))
+                return flat.to(self.shape.device, self.shape.dtype)
+
+            window.keys = torch.cat([window.keys[:, :sinks], tokens(blocks.keys), window.keys[:, sinks:]], dim=1)
+            window.values = torch.cat([window.values[:, :sinks], tokens(blocks.values), window.values[:, sinks:]], dim=1)
+        read = torch.from_numpy(next(iter(fetched.values())).positions.reshape(-1)).long()
+        self.positions = torch.cat([self.positions[:sinks], read, self.positions[sinks:]])
+        self.has_memory = False  # nothing more to read: the layout packs the positions
+        self.reset_layout()
+
     # -- attention (called by the registered attention function, once per layer) ----------
 
     def attend(
@@ -149,7 +190,10 @@ class MemorySession:
         queries = query[0].view(heads, -1, num_new, dim)  # (Hkv, G, T, D)
         local = attend(queries, window.cache_keys, window.cache_values, key[0], value[0], scaling)
         out = local.out
-        if self.reads_memory and self.has_memory and layer in self.memory_layers:
+        if self.question is not None:
+            if layer in self.memory_layers:
+                self.question_queries[layer] = queries[:, :, self.question]
+        elif self.reads_memory and self.has_memory and layer in self.memory_layers:
             memory = self._read_memory(layer, queries, scaling)
             if memory is not None:
                 out = self.backend.combine(layer, local, memory)

@@ -66,6 +66,27 @@ class Blocks:
     def num_blocks(self) -> int:
         return self.keys.shape[1]
 
+    @classmethod
+    def none(cls) -> Blocks:
+        """No blocks (what `blocks_at` returns for a layer that holds none of them)."""
+        return cls(np.zeros((0, 0, 0), np.float32), np.zeros((0, 0, 0, 0), np.float16),
+                   np.zeros((0, 0, 0, 0), np.float16), np.zeros((0, 0), np.int64))  # fmt: skip
+
+    def where(self, chosen: np.ndarray) -> Blocks:
+        """The blocks at indices `chosen`, in that order."""
+        return Blocks(self.search_keys[:, chosen], self.keys[:, chosen], self.values[:, chosen], self.positions[chosen])
+
+    @staticmethod
+    def join(parts: list[Blocks]) -> Blocks:
+        """Blocks of one layer, concatenated in order (empty parts skipped)."""
+        parts = [part for part in parts if part.num_blocks]
+        if not parts:
+            return Blocks.none()
+        if len(parts) == 1:
+            return parts[0]
+        return Blocks(*(np.concatenate([getattr(p, name) for p in parts], axis=axis) for name, axis in
+                        (("search_keys", 1), ("keys", 1), ("values", 1), ("positions", 0))))  # fmt: skip
+
 
 @dataclass
 class SearchResult:
@@ -94,6 +115,12 @@ class MemoryStats:
 class VectorStore(Protocol):
     def add(self, memory: str, layer: int, blocks: Blocks) -> None:
         """Append blocks to a layer of a memory (created on first add). Searchable at once."""
+
+    def blocks_at(self, memory: str, layer: int, starts: np.ndarray) -> Blocks:
+        """The blocks of a layer whose first token position is in `starts` (int64), oldest
+        first; blocks no longer held (FIFO-evicted) are left out. What the passage read
+        fetches once the question's votes chose its passages."""
+        ...
 
     def search(self, memory: str, layer: int, queries: np.ndarray, top_k: int) -> SearchResult:
         """queries (H, Q, D) float32: all queries of a segment for one layer, in one call."""

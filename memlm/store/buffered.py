@@ -108,6 +108,10 @@ class BufferedStore(ABC):
         """Search the committed blocks, leaving out the oldest `skip_oldest`. Raises MemoryNotFound."""
 
     @abstractmethod
+    def _committed_blocks_at(self, memory: str, layer: int, starts: np.ndarray, skip_oldest: int) -> Blocks:
+        """The committed blocks starting at `starts`, leaving out the oldest `skip_oldest`. Raises MemoryNotFound."""
+
+    @abstractmethod
     def _committed_blocks(self, memory: str, layer: int) -> int:
         """Committed blocks of a layer (0 for a layer never written). Raises MemoryNotFound."""
 
@@ -265,6 +269,27 @@ class BufferedStore(ABC):
                 pending = self._pending.search(memory, layer, queries, top_k, skip_oldest=skip_pending)
             merged = merge_results(committed, pending, top_k)
             return merged if merged is not None else _empty_result(*queries.shape)
+
+    def blocks_at(self, memory: str, layer: int, starts: np.ndarray, skip_oldest: int = 0) -> Blocks:
+        """The committed blocks (less those an open transaction evicted), then the pending
+        ones; `skip_oldest` as in `search`."""
+        if memory not in self._transactions:
+            return self._committed_blocks_at(memory, layer, starts, skip_oldest)
+        with self._memory_lock(memory):
+            txn = self._transactions.get(memory)
+            if txn is None:
+                return self._committed_blocks_at(memory, layer, starts, skip_oldest)
+            skip = txn.layers.get(layer, LayerChange()).hidden + skip_oldest
+            try:
+                committed = self._committed_blocks_at(memory, layer, starts, skip)
+                skip_pending = max(0, skip - self._committed_blocks(memory, layer)) if skip_oldest else 0
+            except MemoryNotFound:
+                committed, skip_pending = Blocks.none(), skip_oldest  # created by this transaction
+            pending = Blocks.none()
+            if self._pending_blocks(memory, layer) > skip_pending:
+                self._materialize(memory, layer)
+                pending = self._pending.blocks_at(memory, layer, starts, skip_oldest=skip_pending)
+            return Blocks.join([committed, pending])
 
     def load_state(self, memory: str) -> dict[str, np.ndarray]:
         with self._memory_lock(memory):

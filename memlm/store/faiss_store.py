@@ -295,6 +295,20 @@ class FaissStore:
                 scores=scores,
             )
 
+    def blocks_at(self, memory: str, layer: int, starts: np.ndarray, skip_oldest: int = 0) -> Blocks:
+        """`skip_oldest` leaves the oldest blocks out, as in `search`."""
+        with self._lock:
+            stored = self._get(memory).layers.get(layer)
+            if stored is None:
+                return Blocks.none()
+            chosen = skip_oldest + np.flatnonzero(np.isin(stored.positions.array[skip_oldest:, 0], starts))
+            return Blocks(
+                search_keys=stored.search_keys.array[chosen].transpose(1, 0, 2),
+                keys=stored.keys.array[chosen].transpose(1, 0, 2, 3),
+                values=stored.values.array[chosen].transpose(1, 0, 2, 3),
+                positions=stored.positions.array[chosen],
+            )
+
     def load_state(self, memory: str) -> dict[str, np.ndarray]:
         with self._lock:
             return dict(self._get(memory).state)

@@ -233,6 +233,19 @@ class LanceStore(BufferedStore):
                 return self._cache.search(memory, layer, queries, top_k, skip_oldest=skip_oldest)
             return self._lance_search(memory, marker, layer, queries, top_k, skip_oldest)
 
+    def _committed_blocks_at(self, memory: str, layer: int, starts: np.ndarray, skip_oldest: int) -> Blocks:
+        with self._lock:
+            marker = self._marker(memory)
+            info = marker.layers.get(layer)
+            if info is None or info.live <= skip_oldest:
+                return Blocks.none()
+            if self._cached(memory, marker):
+                return self._cache.blocks_at(memory, layer, starts, skip_oldest=skip_oldest)
+            # Too large for the cache: read the layer's rows (a read of the layer's size).
+            stored = self._read_layer(memory, marker, layer)
+            chosen = skip_oldest + np.flatnonzero(np.isin(stored.positions[skip_oldest:, 0], starts))
+            return stored.where(chosen)
+
     def _lance_search(
         self, memory: str, marker: Marker, layer: int, queries: np.ndarray, top_k: int, skip: int
     ) -> SearchResult:

@@ -47,6 +47,7 @@ from memlm.store.buffered import BufferedStore, Changes
 from memlm.store.settings import StoreSettings
 from memlm.store.wire import (
     blocks_to_proto,
+    read_blocks_from_proto,
     result_from_proto,
     split_blocks,
     state_from_proto,
@@ -171,6 +172,12 @@ class RemoteStore(BufferedStore):
         request = store_pb2.SearchRequest(memory=memory, layer=layer, top_k=top_k, skip_oldest=skip_oldest)
         to_tensor(np.asarray(queries, dtype=np.float32), request.queries)
         return result_from_proto(self._unary(memory, "Search", request))
+
+    def _committed_blocks_at(self, memory: str, layer: int, starts: np.ndarray, skip_oldest: int) -> Blocks:
+        check_memory_name(memory)
+        request = store_pb2.ReadBlocksRequest(memory=memory, layer=layer, skip_oldest=skip_oldest)
+        to_tensor(np.asarray(starts, dtype=np.int64), request.starts)
+        return read_blocks_from_proto(self._unary(memory, "ReadBlocks", request))
 
     def _committed_blocks(self, memory: str, layer: int) -> int:
         return self._committed_stats(memory).blocks_per_layer.get(layer, 0)

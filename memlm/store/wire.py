@@ -96,6 +96,13 @@ def blocks_from_proto(batch: store_pb2.BlockBatch, layout: store_pb2.LayerLayout
     return blocks
 
 
+def read_blocks_from_proto(batch: store_pb2.BlockBatch) -> Blocks:
+    """A `ReadBlocks` reply (no blocks: `Blocks.none()`)."""
+    if len(batch.keys.shape) == 4 and batch.keys.shape[1] == 0 or not batch.keys.shape:
+        return Blocks.none()
+    return blocks_from_proto(batch, layout_of_batch(batch))
+
+
 def all_finite(array: np.ndarray) -> bool:
     if array.dtype == np.float16:  # numpy's float16 isfinite is slow; all-ones exponent bits mean NaN/Inf
         return not ((array.view(np.uint16) & 0x7C00) == 0x7C00).any()

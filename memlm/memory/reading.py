@@ -1,0 +1,208 @@
+"""The question-time read: turn a memory into the few passages a question needs.
+
+The per-head read (`read="bag"`) lets every head of every layer fetch its own top-k
+blocks for a chunk of the prompt's queries and attend to them all at one position: each
+head reads a different bag of 16-token fragments, out of document order, and the prompt's
+chat-template tokens steer the search as much as the question does. A small model cannot
+use that (0/8 on the demo's handbook, while the same model given the 1.5k tokens around
+each fact answers 7/8). The passage read instead:
+
+1. *probes*: the prompt runs once over the local window only, and each memory layer keeps
+   its queries at the question's own tokens (`question_span`: never the template's);
+2. *votes*: per layer and query head, the question's summed query searches the memory's
+   blocks; each head's top blocks get votes weighted by how reliably that head retrieves
+   evidence (`HeadProfile`, measured by `memlm calibrate heads`) and by rank;
+3. *selects* one set of passages for the whole model (`select_passages`): the best-voted
+   blocks, widened by their neighbours, merged, in document order;
+4. *reads* them coherently (`reread_ids`): the passages' tokens (the memory's state keeps
+   every token id) are run through the model again between the document's first tokens
+   and its local window, at consecutive positions, so the question sees ordinary text.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from memlm.memory.attention import rotate
+from memlm.store.base import SearchResult
+
+# Profiles measured for the embedded model (`memlm calibrate heads`), shipped in the package.
+SHIPPED_PROFILE = Path(__file__).resolve().parent.parent / "adapters" / "heads.json"
+
+
+@dataclass(frozen=True)
+class Passage:
+    """A run of document tokens [start, end) that the question's read placed before it."""
+
+    start: int
+    end: int
+    score: float  # the summed votes of its blocks
+    rank: int  # 0 = the best-voted passage
+
+
+@dataclass
+class HeadProfile:
+    """How much each (layer, query head)'s vote counts: its rate of finding the evidence
+    block among its top blocks on calibration questions. Uniform when none was measured."""
+
+    weights: np.ndarray  # (layers, query heads) float32, >= 0
+    source: str = "uniform"  # what measured it (the calibration command), for reports
+
+    @classmethod
+    def uniform(cls, num_layers: int, num_heads: int) -> HeadProfile:
+        return cls(np.ones((num_layers, num_heads), dtype=np.float32))
+
+    @classmethod
+    def load(cls, path: str | Path, num_layers: int, num_heads: int) -> HeadProfile:
+        data = json.loads(Path(path).read_text())
+        weights = np.asarray(data["weights"], dtype=np.float32)
+        if weights.shape != (num_layers, num_heads):
+            raise ValueError(
+                f"head profile {path} is for {weights.shape[0]} layers x {weights.shape[1]} heads; "
+                f"this model has {num_layers} x {num_heads}: run `memlm calibrate heads --model PATH` for it"
+            )
+        if (weights < 0).any() or not np.isfinite(weights).all() or weights.sum() == 0:
+            raise ValueError(f"head profile {path}: weights must be finite, >= 0 and not all 0")
+        return cls(weights, str(data.get("source", path)))
+
+    def save(self, path: str | Path, **provenance) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        record = {"source": self.source, **provenance, "weights": np.round(self.weights, 4).tolist()}
+        path.write_text(json.dumps(record, indent=1) + "\n")
+        return path
+
+
+def head_profile(model_name: str, num_layers: int, num_heads: int, path: str | Path | None = None) -> HeadProfile:
+    """The profile at `path`; without one, the shipped profile when it was measured on a model
+    of this name (the embedded model's), and uniform votes for any other model."""
+    if path is None and SHIPPED_PROFILE.is_file():
+        if json.loads(SHIPPED_PROFILE.read_text()).get("model") == Path(model_name).name:
+            path = SHIPPED_PROFILE
+    if path is None:
+        return HeadProfile.uniform(num_layers, num_heads)
+    return HeadProfile.load(path, num_layers, num_heads)
+
+
+def question_span(with_question: list[int], without_question: list[int]) -> slice:
+    """Where the question's own tokens lie in a templated prompt: what differs between the
+    prompt and the same template around an empty question (common prefix and suffix cut)."""
+    prefix = 0
+    limit = min(len(with_question), len(without_question))
+    while prefix < limit and with_question[prefix] == without_question[prefix]:
+        prefix += 1
+    suffix = 0
+    while (
+        suffix < limit - prefix
+        and with_question[len(with_question) - 1 - suffix] == without_question[len(without_question) - 1 - suffix]
+    ):
+        suffix += 1
+    end = len(with_question) - suffix
+    if end <= prefix:
+        raise ValueError("the prompt's question has no tokens of its own")
+    return slice(prefix, end)
+
+
+def question_search_keys(queries: torch.Tensor, memory_position: int, inv_freq: torch.Tensor) -> np.ndarray:
+    """One search key per query head: the sum of its queries at the question's tokens, turned
+    to score blocks as if they sat at `memory_position` (as the per-head read places them).
+
+    queries (Hkv, G, Tq, D), rotated at their own positions -> (Hkv, G, D)
+    """
+    summed = queries.float().sum(dim=2)
+    return rotate(summed, torch.tensor(-memory_position), inv_freq).cpu().numpy()
+
+
+def add_votes(votes: dict[int, float], found: SearchResult, weights: np.ndarray) -> None:
+    """Count one layer's search into `votes` (block start position -> votes). `found` holds
+    each query head's top blocks, (Hkv, G, k, B); `weights` (Hkv * G,) that layer's head weights.
+    A head's i-th block gets weight / (i + 1): its first choice counts most."""
+    heads, group, k = found.scores.shape
+    starts = found.positions[..., 0].reshape(heads * group, k)
+    rank_weight = 1.0 / np.arange(1, k + 1)
+    for head in np.flatnonzero(weights > 0):
+        for start, share in zip(starts[head], rank_weight):
+            votes[int(start)] += float(weights[head] * share)
+
+
+def select_passages(
+    votes: dict[int, float], block_len: int, num_blocks: int, context: int, doc_len: int, grid: int = 0
+) -> list[Passage]:
+    """The `num_blocks` best-voted blocks, each widened by `context` tokens on either side to
+    whole blocks (blocks start at `grid` + a multiple of `block_len`: what the store holds),
+    overlapping or touching ones merged; in document order, ranked by their best block's votes."""
+
+    def block_start(position: int) -> int:  # the start of the block holding `position`
+        return position if position < grid else grid + (position - grid) // block_len * block_len
+
+    def block_end(position: int) -> int:  # the end of the block holding `position - 1`
+        return position if position <= grid else grid + -(-(position - grid) // block_len) * block_len
+
+    best = sorted(votes.items(), key=lambda item: (-item[1], item[0]))[:num_blocks]
+    spans = sorted(
+        (block_start(max(0, start - context)), min(doc_len, block_end(start + block_len + context)), score, rank)
+        for rank, (start, score) in enumerate(best)
+    )
+    merged: list[list] = []
+    for start, end, score, rank in spans:
+        if merged and start <= merged[-1][1]:
+            last = merged[-1]
+            last[1], last[2], last[3] = max(last[1], end), last[2] + score, min(last[3], rank)
+        else:
+            merged.append([start, end, score, rank])
+    # Passages ranked by their best block; a passage's rank is its place in that order.
+    order = sorted(range(len(merged)), key=lambda i: merged[i][3])
+    ranks = {index: place for place, index in enumerate(order)}
+    return [Passage(int(s), int(e), float(score), ranks[i]) for i, (s, e, score, _) in enumerate(merged)]
+
+
+def reread_ids(token_ids: list[int], kept_positions: list[int], passages: list[Passage], separator: list[int]) -> list[int]:
+    """The text the question reads: the tokens at `kept_positions` (the document's first
+    tokens and its local window) and the passages', in document order, with `separator`
+    where the document skips ahead."""
+    positions = sorted(set(kept_positions).union(*(range(p.start, p.end) for p in passages)))
+    ids: list[int] = []
+    for i, position in enumerate(positions):
+        if i > 0 and position != positions[i - 1] + 1:
+            ids.extend(separator)
+        ids.append(token_ids[position])
+    return ids
+
+
+def token_spans(tokenizer, document: str, sentences: Sequence[str]) -> list[tuple[int, int]]:
+    """Token positions [start, end) of each sentence's first occurrence in `document`, as
+    `MemoryLM.ingest` tokenizes it (no special tokens)."""
+    offsets = tokenizer(document, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    ends = np.array([end for _, end in offsets])
+    starts = np.array([start for start, _ in offsets])
+    spans = []
+    for sentence in sentences:
+        at = document.find(sentence)
+        if at < 0:
+            raise ValueError(f"evidence {sentence!r} is not in the document")
+        inside = np.flatnonzero((starts < at + len(sentence)) & (ends > at))
+        spans.append((int(inside[0]), int(inside[-1]) + 1))
+    return spans
+
+
+def evidence_rank(passages: list[Passage], spans: Sequence[tuple[int, int]]) -> int | None:
+    """Whether the read placed every evidence span [start, end) in front of the model: the
+    worst rank among the passages holding them, or None when one was not read whole."""
+    ranks = []
+    for start, end in spans:
+        holding = [p.rank for p in passages if p.start <= start and end <= p.end]
+        if not holding:
+            return None
+        ranks.append(min(holding))
+    return max(ranks) if ranks else None
+
+
+def new_votes() -> defaultdict[int, float]:
+    return defaultdict(float)

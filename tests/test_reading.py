@@ -1,0 +1,196 @@
+"""The passage read (memlm/memory/reading.py): the question's own queries, votes, passages in
+document order, and the re-read that is a plain forward pass over them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from memlm.memory.reading import (
+    HeadProfile,
+    Passage,
+    add_votes,
+    evidence_rank,
+    new_votes,
+    question_span,
+    reread_ids,
+    select_passages,
+    token_spans,
+)
+from memlm.store.base import SearchResult
+from memlm.tasks import prose_needles
+from tests.conftest import tiny_lm, tiny_model
+
+
+def random_ids(n: int, seed: int) -> list[int]:
+    return torch.randint(0, 120, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_question_span_is_what_differs_from_the_empty_template() -> None:
+    template = [1, 2, 3, 4, 5]  # [system, user-start, (question), user-end, assistant-start]
+    with_question = [1, 2, 3, 70, 71, 72, 4, 5]
+    assert question_span(with_question, template) == slice(3, 6)
+    with pytest.raises(ValueError, match="no tokens of its own"):
+        question_span(template, template)
+
+
+def test_the_embedded_chat_prompt_searches_with_the_question_tokens_only(embedded_lm) -> None:
+    question = "Which city did Lena Sato move to?"
+    prompt = embedded_lm.prompt_ids(question)
+    span = embedded_lm.question_span(question)
+    assert len(prompt) > 20  # the template's system text is most of the prompt
+    asked = embedded_lm.tokenizer.decode(prompt[span])
+    assert asked.strip() == question
+    assert embedded_lm.question_span(question, chat=False) == slice(0, len(embedded_lm.prompt_ids(question, chat=False)))
+
+
+def found(starts: np.ndarray) -> SearchResult:
+    """A search result whose blocks of 4 tokens start at `starts` (Hkv, G, k)."""
+    heads, group, k = starts.shape
+    positions = starts[..., None] + np.arange(4)
+    empty = np.zeros((heads, group, k, 4, 2), np.float32)
+    return SearchResult(empty, empty, positions, np.zeros((heads, group, k), np.float32))
+
+
+def test_votes_count_each_heads_ranked_blocks_by_its_weight() -> None:
+    starts = np.array([[[8, 4], [4, 0]], [[12, 8], [0, 4]]])  # 2 KV heads x 2 query heads, top 2 each
+    votes = new_votes()
+    add_votes(votes, found(starts), np.array([1.0, 2.0, 0.0, 1.0]))  # query head 2 does not vote
+    # head 0: 8 -> 1, 4 -> 1/2; head 1 (x2): 4 -> 2, 0 -> 1; head 3: 0 -> 1, 4 -> 1/2.
+    assert dict(votes) == pytest.approx({8: 1.0, 4: 3.0, 0: 2.0})
+
+
+def test_passages_are_the_best_blocks_widened_to_blocks_merged_and_in_document_order() -> None:
+    votes = {320: 5.0, 336: 4.0, 64: 3.0, 960: 1.0, 160: 2.0}
+    passages = select_passages(votes, block_len=16, num_blocks=4, context=8, doc_len=400)
+    # Each block widened by 8 tokens, then out to whole blocks: 320 -> [304, 352), 336 -> [320, 368)
+    # (they merge), 64 -> [48, 96), 160 -> [144, 192); 960 is not among the best four.
+    assert [(p.start, p.end) for p in passages] == [(48, 96), (144, 192), (304, 368)]
+    assert [p.rank for p in passages] == [1, 2, 0]
+    assert passages[2].score == pytest.approx(9.0)
+    assert evidence_rank(passages, [(310, 320)]) == 0
+    assert evidence_rank(passages, [(310, 320), (50, 60)]) == 1  # both read: the worse rank counts
+    assert evidence_rank(passages, [(90, 100)]) is None  # cut across a gap: not read whole
+
+
+def test_passages_follow_the_stores_block_grid_after_the_sinks() -> None:
+    # Blocks of 4 start at 4, 8, 12, ... after 4 sink tokens; tokens before the grid stay as they are.
+    assert [(p.start, p.end) for p in select_passages({12: 1.0}, 4, 1, 2, 100, grid=4)] == [(8, 20)]
+    assert [(p.start, p.end) for p in select_passages({4: 1.0}, 4, 1, 2, 100, grid=4)] == [(2, 12)]
+
+
+def test_reread_ids_keep_document_order_and_mark_the_gaps() -> None:
+    tokens = list(range(1000, 1100))
+    passages = [Passage(40, 44, 1.0, 1), Passage(10, 13, 2.0, 0)]
+    kept = [0, 1, 2, 96, 97, 98, 99]  # sinks and the local window
+    assert reread_ids(tokens, kept, passages, separator=[-1]) == [
+        1000, 1001, 1002, -1, 1010, 1011, 1012, -1, 1040, 1041, 1042, 1043, -1, 1096, 1097, 1098, 1099,
+    ]  # fmt: skip
+
+
+def test_a_reread_answer_is_the_stock_model_over_the_passages_and_the_prompt() -> None:
+    """The passage read lays the passages' tokens at consecutive positions before the local
+    window: what the question then computes is a plain forward pass of the stock model over
+    exactly that text (sinks, separator-joined passages, window, prompt)."""
+    lm = tiny_lm(segment_len=32, sink_len=4, local_len=32, block_len=4, read="reread", read_blocks=3, read_context=4)
+    document = random_ids(400, 1)
+    lm.ingest_tokens(document, "doc", progress=False)
+    result = lm.generate_full("what now", memory="doc", chat=False, max_new_tokens=8)
+    assert 1 <= len(result.evidence) <= 3
+    state = lm.store.load_state("doc")
+    separator = lm.tokenizer("\n\n")["input_ids"]
+    context = reread_ids(document, state["window_positions"].tolist(), result.evidence, separator)
+    assert len(context) < 400  # a selection, not the document
+    stock = tiny_model()
+    stock.generation_config.eos_token_id = None
+    prompt = lm.prompt_ids("what now", chat=False)
+    expected = stock.generate(torch.tensor([context + prompt]), max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert result.token_ids == expected[0, len(context) + len(prompt) :].tolist()
+
+
+def test_stored_passages_sit_at_consecutive_positions_in_document_order() -> None:
+    lm = tiny_lm(segment_len=32, sink_len=4, local_len=32, block_len=4, read_blocks=3, read_context=4)
+    lm.ingest_tokens(random_ids(400, 3), "doc", progress=False)
+    session = lm._open_session("doc", writes=False)
+    prompt = lm.prompt_ids("what now", chat=False)
+    passages = lm.read_passages(session, prompt, slice(0, len(prompt)))
+    window = session.positions.tolist()
+    session.place_passages(lm.fetch_passages(session, passages))
+    in_view = session.positions.tolist()
+    read = sorted(set(in_view) - set(window))
+    assert read == sorted({t for p in passages for t in range(p.start, p.end)} - set(window))
+    assert in_view == sorted(in_view)  # sinks, passages, window: document order
+    assert session.positions_for(len(prompt)).tolist() == list(range(len(in_view), len(in_view) + len(prompt)))
+    assert session._prefix_positions.tolist() == list(range(len(in_view)))  # consecutive, no gap
+
+
+def test_a_passage_read_of_every_block_is_full_attention() -> None:
+    """Reading every stored block back in document order puts each token at its own position:
+    the answer is then the stock model's over document + prompt (the ingest is exact too:
+    every block retrieved at its own position)."""
+    lm = tiny_lm(segment_len=16, sink_len=4, local_len=16, block_len=4, top_k=10_000, position_mode="exact",
+                 read_blocks=10_000)  # fmt: skip
+    document = random_ids(150, 5)
+    lm.ingest_tokens(document, "doc", progress=False)
+    result = lm.generate_full("hello there", memory="doc", chat=False, max_new_tokens=10)
+    assert [(p.start, p.end) for p in result.evidence] == [(0, 150)]
+    stock = tiny_model()
+    stock.generation_config.eos_token_id = None
+    prompt = lm.prompt_ids("hello there", chat=False)
+    expected = stock.generate(torch.tensor([document + prompt]), max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert result.token_ids == expected[0, len(document) + len(prompt) :].tolist()
+
+
+def test_only_voting_heads_choose_the_passages(monkeypatch) -> None:
+    """With every vote given to one head of one layer, the passages are that head's choice."""
+    lm = tiny_lm(segment_len=32, sink_len=4, local_len=32, block_len=4, read_blocks=1, read_context=0, read_top_k=1)
+    lm.ingest_tokens(random_ids(400, 2), "doc", progress=False)
+    weights = np.zeros_like(lm.head_profile.weights)
+    weights[1, 3] = 1.0
+    lm.head_profile = HeadProfile(weights)
+    session = lm._open_session("doc", writes=False)
+    prompt = lm.prompt_ids("what now", chat=False)
+    choice = lm.search_with_question(session, prompt, slice(0, len(prompt)), layers=[1])[1].positions[1, 1, 0]
+    [passage] = lm.generate_full("what now", memory="doc", chat=False, max_new_tokens=1).evidence
+    assert (passage.start, passage.end) == (choice[0], choice[-1] + 1)
+
+
+def test_a_head_profile_for_another_model_is_refused(tmp_path) -> None:
+    path = HeadProfile(np.ones((3, 4), np.float32)).save(tmp_path / "heads.json", model="tiny")
+    assert HeadProfile.load(path, 3, 4).weights.shape == (3, 4)
+    with pytest.raises(ValueError, match="run `memlm calibrate heads"):
+        HeadProfile.load(path, 30, 9)
+    path.write_text(json.dumps({"weights": [[0.0] * 4] * 3}))
+    with pytest.raises(ValueError, match="not all 0"):
+        HeadProfile.load(path, 3, 4)
+
+
+def test_calibrate_refuses_bad_settings_in_one_line(tmp_path) -> None:
+    done = subprocess.run([sys.executable, "-m", "memlm.cli", "calibrate", "heads", "--length", "100",
+                           "--out", str(tmp_path / "h.json")], capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 1 and "length must be at least 2000 tokens" in done.stderr
+    assert not (tmp_path / "h.json").exists()
+
+
+@pytest.mark.slow
+def test_the_embedded_model_answers_from_passages_beyond_its_window(embedded_lm) -> None:
+    """About 12k tokens of the Vim manual (more than the model's 8,192-token window) with an
+    access code and a fact about a person in its first half, asked through the chat template:
+    both answered right, each with its sentence among the passages read."""
+    tasks = prose_needles(12_000, [0.15, 0.4], seed=4321)
+    document = tasks[0].document
+    assert len(embedded_lm.tokenizer(document, add_special_tokens=False)["input_ids"]) > embedded_lm.max_positions
+    embedded_lm.ingest(document, memory="prose", progress=False)
+    try:
+        for task in tasks:
+            result = embedded_lm.generate_full(task.question, memory="prose", max_new_tokens=task.answer_tokens)
+            assert task.score(result.text), (task.question, result.text)
+            spans = token_spans(embedded_lm.tokenizer, document, task.evidence)
+            assert evidence_rank(result.evidence, spans) is not None
+    finally:
+        embedded_lm.forget("prose")
