@@ -10,6 +10,8 @@ Backend = Literal["fot", "knn", "xl", "rmt"]
 PositionMode = Literal["window", "zero", "exact"]
 ReadMode = Literal["passages", "reread", "bag"]
 READ_MODES: tuple[str, ...] = ("passages", "reread", "bag")
+ReadScoring = Literal["hybrid", "attention", "lexical"]
+READ_SCORINGS: tuple[str, ...] = ("hybrid", "attention", "lexical")
 BACKENDS: tuple[str, ...] = ("fot", "knn", "xl", "rmt")
 RMT_WRITE_PROMPT_LEN = 4  # trained embeddings after each rmt segment, before its notes (memlm/memory/recurrent.py)
 POSITION_MODES: tuple[str, ...] = ("window", "zero", "exact")
@@ -55,6 +57,10 @@ class MemoryConfig:
     # Passage read: blocks each (layer, query head) votes for, blocks read, and the tokens of
     # context kept on either side of each.
     read_top_k: int = 32
+    # How the passage read ranks blocks: "attention" (the retrieval heads' votes), "lexical"
+    # (the question's rare words in the block's token ids) or "hybrid" (both, by reciprocal
+    # rank fusion).
+    read_scoring: ReadScoring = "hybrid"
     read_blocks: int = 8
     read_context: int = 48
     # Tokens of notes the rmt backend carries from segment to segment (read and written).
@@ -88,6 +94,8 @@ class MemoryConfig:
             raise ValueError(f"unknown position_mode {self.position_mode!r}; choose one of {', '.join(POSITION_MODES)}")
         if self.read not in READ_MODES:
             raise ValueError(f"unknown read {self.read!r}; choose one of {', '.join(READ_MODES)}")
+        if self.read_scoring not in READ_SCORINGS:
+            raise ValueError(f"unknown read_scoring {self.read_scoring!r}; choose one of {', '.join(READ_SCORINGS)}")
         for name in ("segment_len", "top_k", "block_len", "query_chunk", "max_memory_tokens", "num_mem_tokens",
                      "read_top_k", "read_blocks"):
             if getattr(self, name) < 1:

@@ -25,7 +25,9 @@ from memlm.memory.reading import (
     HeadProfile,
     Passage,
     add_votes,
+    fuse,
     head_profile,
+    lexical_scores,
     new_votes,
     question_search_keys,
     question_span,
@@ -283,16 +285,26 @@ class MemoryLM:
         return found
 
     def read_passages(self, session: MemorySession, prompt_ids: list[int], question: slice) -> list[Passage]:
-        """The passage read's selection (memlm/memory/reading.py): the question's search in
-        every layer with a voting head, votes, passages."""
-        weights = self.head_profile.weights
-        voting = [layer for layer in range(len(weights)) if weights[layer].any()]
-        votes = new_votes()
-        for layer, found in self.search_with_question(session, prompt_ids, question, voting).items():
-            if found.k:
-                add_votes(votes, found, weights[layer])
+        """The passage read's selection (memlm/memory/reading.py): the retrieval heads' votes
+        from the question's search in every layer with one, the question's rare words in the
+        blocks' token ids, or both fused (`read_scoring`); then the passages."""
         config = self.config
-        return select_passages(votes, config.block_len, config.read_blocks, config.read_context,
+        rankings = []
+        if config.read_scoring != "lexical":
+            weights = self.head_profile.weights
+            voting = [layer for layer in range(len(weights)) if weights[layer].any()]
+            votes = new_votes()
+            for layer, found in self.search_with_question(session, prompt_ids, question, voting).items():
+                if found.k:
+                    add_votes(votes, found, weights[layer])
+            rankings.append(votes)
+        if config.read_scoring != "attention":
+            in_window = session.positions[session.sink_count :]
+            window_start = int(in_window[0]) if len(in_window) else len(session.token_ids)
+            rankings.append(lexical_scores(np.asarray(session.token_ids), prompt_ids[question], config.block_len,
+                                           config.sink_len, window_start))  # fmt: skip
+        scores = fuse(rankings) if len(rankings) > 1 else rankings[0]
+        return select_passages(scores, config.block_len, config.read_blocks, config.read_context,
                                len(session.token_ids), grid=config.sink_len)  # fmt: skip
 
     def fetch_passages(self, session: MemorySession, passages: list[Passage]) -> dict[int, Blocks]:

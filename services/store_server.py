@@ -231,14 +231,17 @@ class MemoryStoreService(store_pb2_grpc.MemoryStoreServicer):
                 result = store.search(request.memory, request.layer, queries, request.top_k, request.skip_oldest)
             else:
                 result = store.search(request.memory, request.layer, queries, request.top_k)
-        size = sum(array.nbytes for array in (result.keys, result.values, result.positions, result.scores))
+        self._check_reply_size(context, (result.keys, result.values, result.positions, result.scores),
+                               "send fewer queries per call or ask for a smaller top_k")  # fmt: skip
+        return result_to_proto(result)
+
+    def _check_reply_size(self, context, arrays: tuple[np.ndarray, ...], advice: str) -> None:
+        size = sum(array.nbytes for array in arrays)
         if size > self.config.max_message_bytes - (1 << 16):
             context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"the reply would be {size} bytes, over the {self.config.max_message_bytes}-byte message limit; "
-                "send fewer queries per call or ask for a smaller top_k",
+                f"the reply would be {size} bytes, over the {self.config.max_message_bytes}-byte message limit; {advice}",
             )
-        return result_to_proto(result)
 
     @_answer_errors
     def ReadBlocks(self, request, context):
@@ -249,13 +252,8 @@ class MemoryStoreService(store_pb2_grpc.MemoryStoreServicer):
         starts = from_tensor(request.starts, "starts", ("int64",), ndim=1)
         with self._lock(request.memory):
             found = store.blocks_at(request.memory, request.layer, starts, request.skip_oldest)
-        size = sum(array.nbytes for array in (found.search_keys, found.keys, found.values, found.positions))
-        if size > self.config.max_message_bytes - (1 << 16):
-            context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"the reply would be {size} bytes, over the {self.config.max_message_bytes}-byte message limit; "
-                "ask for fewer blocks per call",
-            )
+        self._check_reply_size(context, (found.search_keys, found.keys, found.values, found.positions),
+                               "ask for fewer blocks per call")  # fmt: skip
         reply = store_pb2.BlockBatch()
         blocks_to_proto(request.layer, found, reply)
         return reply

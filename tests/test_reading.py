@@ -16,6 +16,8 @@ from memlm.memory.reading import (
     Passage,
     add_votes,
     evidence_rank,
+    fuse,
+    lexical_scores,
     new_votes,
     question_span,
     reread_ids,
@@ -82,6 +84,23 @@ def test_passages_follow_the_stores_block_grid_after_the_sinks() -> None:
     # Blocks of 4 start at 4, 8, 12, ... after 4 sink tokens; tokens before the grid stay as they are.
     assert [(p.start, p.end) for p in select_passages({12: 1.0}, 4, 1, 2, 100, grid=4)] == [(8, 20)]
     assert [(p.start, p.end) for p in select_passages({4: 1.0}, 4, 1, 2, 100, grid=4)] == [(2, 12)]
+
+
+def test_lexical_scores_weigh_a_rare_word_over_common_ones() -> None:
+    # Blocks of 4 after 2 sink tokens: 5 is everywhere ("the"), 9 in one block (a name).
+    tokens = np.array([0, 0] + [5, 1, 1, 1] * 3 + [5, 9, 1, 1] + [5, 1, 1, 1] + [9, 9])
+    scores = lexical_scores(tokens, [5, 9, 9], block_len=4, grid=2, end=22)  # the window starts at 22
+    best = max(scores, key=scores.get)
+    assert best == 14 and set(scores) == {2, 6, 10, 14, 18}  # the last two 9s are in the window
+    assert scores[14] > 5 * scores[2] > 0
+
+
+def test_fusion_prefers_blocks_both_rankings_place_high() -> None:
+    attention = {10: 3.0, 20: 2.0, 30: 1.0, 50: 0.5}
+    lexical = {50: 9.0, 20: 8.0, 40: 7.0}
+    fused = fuse([attention, lexical])
+    assert max(fused, key=fused.get) == 20  # second in both beats first in one and fourth in the other
+    assert set(fused) == {10, 20, 30, 40, 50}
 
 
 def test_reread_ids_keep_document_order_and_mark_the_gaps() -> None:

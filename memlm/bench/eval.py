@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from memlm.bench.common import check_names, report_header
 from memlm.bench.passkey import Question, plain_answers
-from memlm.config import BACKENDS, MemoryConfig
+from memlm.config import BACKENDS, READ_MODES, MemoryConfig
 from memlm.engine import MemoryLM
 from memlm.memory.reading import evidence_rank, token_spans
 from memlm.model.loading import load_model
@@ -42,9 +42,10 @@ from memlm.tasks import Task, babilong, handbook, kv_lines, multi_needle, passke
 from memlm.train.adapter import shipped_adapter
 from memlm.train.data import TRAIN_SEED_BASE
 
-# "plain": the model alone, its input cut to its window; "<backend>-<read>": fot or knn with the
-# re-read or the per-head read instead of the passage read (MemoryConfig.read).
-CONFIGS: tuple[str, ...] = ("plain", *BACKENDS, "fot-reread", "fot-bag", "knn-bag")
+# "plain": the model alone, its input cut to its window; "<backend>-<variant>": fot or knn with
+# the passage read scored by the retrieval heads alone, the re-read, or the per-head read
+# (MemoryConfig.read_scoring, .read).
+CONFIGS: tuple[str, ...] = ("plain", *BACKENDS, "fot-attention", "fot-reread", "fot-bag", "knn-bag")
 DEFAULT_CONFIGS: tuple[str, ...] = ("plain", *BACKENDS)
 LONG_LENGTH = 128_000
 DEPTH_BINS = 5
@@ -60,7 +61,7 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {
-    "prose-needles": Family(prose_needles, 4, ("prose-passkey", "prose-fact")),
+    "prose-needles": Family(prose_needles, 6, ("prose-passkey", "prose-fact")),
     "passkey": Family(lambda n, depths, seed: [passkey(n, depths[0], seed)], 1, ("passkey",)),
     "kv-lines": Family(kv_lines, 4, ("kv-lines",)),
     "multi-needle": Family(multi_needle, 4, ("multi-needle-one", "multi-needle-all")),
@@ -218,10 +219,13 @@ def run_config(
     reuse: dict[DocumentKey, list[Trial]] | None = None,
     checkpoint: Path | None = None,
     chat: bool = True,
+    keep_memories: bool = False,
 ) -> list[Trial]:
     """Ask every question of every document; `lm` None is the plain model (`base`, cut to its window).
     A document in `reuse` (answered_before) keeps its earlier trials; each newly answered
-    document's trials are appended to `checkpoint` once all its questions are answered."""
+    document's trials are appended to `checkpoint` once all its questions are answered.
+    A document already in `lm`'s store (ingested by another read of the same backend) is not
+    ingested again; `keep_memories` leaves each document's memory there for the next one."""
     trials: list[Trial] = []
     bar = tqdm(total=sum(len(tasks) for *_, tasks in docs), desc=f"eval {name}", unit="question")
     for family, length, seed, tasks in docs:
@@ -242,14 +246,16 @@ def run_config(
                                   task.answer_tokens) for prompt, task in zip(prompts, tasks)]  # fmt: skip
             answered = plain_answers(base, document, questions)
         else:
-            lm.ingest(document, memory="eval", progress=False)
+            memory = f"eval-{family}-{length}-{seed}"
+            if memory not in lm.memories():
+                lm.ingest(document, memory=memory, progress=False)
         for index, (task, prompt) in enumerate(zip(tasks, prompts)):
             rank, read = None, None
             if lm is None:
                 output, visible = answered[index] or "", answered[index] is not None
             else:
                 asked = dict(prompt=task.question, chat=True) if chat or task.prompt is None else dict(prompt=prompt, chat=False)
-                result = lm.generate_full(**asked, memory="eval", max_new_tokens=task.answer_tokens)
+                result = lm.generate_full(**asked, memory=memory, max_new_tokens=task.answer_tokens)
                 output, visible = result.text, None
                 if result.evidence and task.evidence:
                     rank = evidence_rank(result.evidence, token_spans(base.tokenizer, document, task.evidence))
@@ -259,8 +265,8 @@ def run_config(
             right = [t.right for t in trials if t.length == length]
             bar.set_postfix(task=family, length=str(length), acc=f"{sum(right) / len(right):.2f}")
             bar.update()
-        if lm is not None:
-            lm.forget("eval")
+        if lm is not None and not keep_memories:
+            lm.forget(memory)
         keep(checkpoint, trials[done_before:])
     bar.close()
     return trials
@@ -320,17 +326,21 @@ def config_adapter(name: str, model: str | None) -> Path | None:
     return shipped_adapter(name.partition("-")[0]) if model is None else None
 
 
-def config_lm(name: str, hf_model, tokenizer, model: str | None) -> MemoryLM | None:
-    """The MemoryLM of a configuration; "plain" is None. A configuration with an adapter runs on
-    its own copy of the model, since a LoRA adapter changes the weights; the others share
-    `hf_model`."""
+def config_lm(name: str, hf_model, tokenizer, model: str | None, store: FaissStore | None = None) -> MemoryLM | None:
+    """The MemoryLM of a configuration; "plain" is None. "<backend>-<variant>" sets the read
+    (`reread`, `bag`) or the passage read's scoring (`attention`). A configuration with an
+    adapter runs on its own copy of the model, since a LoRA adapter changes the weights; the
+    others share `hf_model`. `store`: where its memories go (variants of a backend share one)."""
     if name == "plain":
         return None
-    backend, _, read = name.partition("-")
-    settings = dict(backend=backend, read=read or "passages")
+    backend, _, variant = name.partition("-")
+    settings = dict(backend=backend)
+    if variant:
+        settings["read" if variant in READ_MODES else "read_scoring"] = variant
+    store = store if store is not None else FaissStore(None)
     if config_adapter(backend, model) is not None:
-        return MemoryLM.load(store=FaissStore(None), **settings)
-    return MemoryLM(hf_model, tokenizer, FaissStore(None), MemoryConfig(**settings))
+        return MemoryLM.load(store=store, **settings)
+    return MemoryLM(hf_model, tokenizer, store, MemoryConfig(**settings))
 
 
 def evaluate(config: EvalConfig) -> dict:
@@ -354,13 +364,18 @@ def evaluate(config: EvalConfig) -> dict:
     trials: list[Trial] = []
     seconds: dict[str, float] = {}
     adapters: dict[str, str] = {}
-    for name in config.configs:
+    # Variants of one backend (its reads and scorings) write the same memory: they share a store
+    # and each document is ingested once, for the first of them; the last one forgets it.
+    stores: dict[str, FaissStore] = {}
+    backend_of = {name: name.partition("-")[0] for name in config.configs}
+    for index, name in enumerate(config.configs):
         started = time.perf_counter()
-        lm = config_lm(name, hf_model, tokenizer, config.model)
+        lm = config_lm(name, hf_model, tokenizer, config.model, stores.setdefault(backend_of[name], FaissStore(None)))
+        later_variant = any(backend_of[other] == backend_of[name] for other in config.configs[index + 1 :])
         adapter = config_adapter(name, config.model)
         if adapter is not None:
             adapters[name] = adapter.name
-        trials += run_config(name, lm, base, docs, reuse, config.checkpoint, config.chat)
+        trials += run_config(name, lm, base, docs, reuse, config.checkpoint, config.chat, keep_memories=later_variant)
         seconds[name] = time.perf_counter() - started
     accuracy, retention, evidence = summarize(trials, config)
     return {

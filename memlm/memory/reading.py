@@ -132,6 +132,33 @@ def add_votes(votes: dict[int, float], found: SearchResult, weights: np.ndarray)
             votes[int(start)] += float(weights[head] * share)
 
 
+def lexical_scores(token_ids: np.ndarray, question_ids: Sequence[int], block_len: int, grid: int, end: int) -> dict[int, float]:
+    """Each stored block's share of the question's words: the sum, over the question's
+    distinct tokens found in the block, of their inverse block frequency in the document
+    (log((n + 1) / (df + 0.5)), as BM25 weighs terms), so a name that occurs in one block
+    counts far more than "the". Blocks [grid, end) in steps of block_len; only those with
+    a match. The memory keeps every token id, so this needs nothing from the store."""
+    num_blocks = max(0, (end - grid) // block_len)
+    blocks = np.asarray(token_ids[grid : grid + num_blocks * block_len]).reshape(num_blocks, block_len)
+    scores = np.zeros(num_blocks)
+    for token in set(question_ids):
+        holds = (blocks == token).any(axis=1)
+        found = int(holds.sum())
+        if found:
+            scores += holds * np.log((num_blocks + 1) / (found + 0.5))
+    return {grid + i * block_len: float(scores[i]) for i in np.flatnonzero(scores > 0)}
+
+
+def fuse(rankings: Sequence[dict[int, float]], k: int = 60) -> dict[int, float]:
+    """Reciprocal rank fusion (Cormack et al. 2009): each ranking gives its i-th block
+    1 / (k + i); a block high in both beats one high in either alone."""
+    fused: defaultdict[int, float] = defaultdict(float)
+    for scores in rankings:
+        for rank, start in enumerate(sorted(scores, key=lambda block: (-scores[block], block))):
+            fused[start] += 1.0 / (k + rank)
+    return dict(fused)
+
+
 def select_passages(
     votes: dict[int, float], block_len: int, num_blocks: int, context: int, doc_len: int, grid: int = 0
 ) -> list[Passage]:
