@@ -32,6 +32,7 @@ from memlm.memory.reading import (
     question_search_keys,
     question_span,
     reread_ids,
+    runs,
     select_passages,
 )
 from memlm.memory.session import MemorySession, Retrieval
@@ -80,6 +81,8 @@ class GenerationResult:
     # The passages the question read, in document order (passage read; for the bag read, the
     # blocks its heads read, ranked by how many read each).
     evidence: list[Passage] = field(default_factory=list)
+    # Document token ranges always in front of the model: the sinks and the local window.
+    in_view: list[tuple[int, int]] = field(default_factory=list)
 
 
 class MemoryLM:
@@ -299,10 +302,13 @@ class MemoryLM:
                     add_votes(votes, found, weights[layer])
             rankings.append(votes)
         if config.read_scoring != "attention":
+            # The blocks the store still holds: the newest ones before the local window (FIFO).
             in_window = session.positions[session.sink_count :]
             window_start = int(in_window[0]) if len(in_window) else len(session.token_ids)
+            held = min(self.store.stats(session.memory).blocks_per_layer.values(), default=0)
+            oldest = max(config.sink_len, window_start - held * config.block_len)
             rankings.append(lexical_scores(np.asarray(session.token_ids), prompt_ids[question], config.block_len,
-                                           config.sink_len, window_start))  # fmt: skip
+                                           oldest, window_start))  # fmt: skip
         scores = fuse(rankings) if len(rankings) > 1 else rankings[0]
         return select_passages(scores, config.block_len, config.read_blocks, config.read_context,
                                len(session.token_ids), grid=config.sink_len)  # fmt: skip
@@ -354,6 +360,7 @@ class MemoryLM:
         context: list[int] = []
         with self._lock(memory or ""):
             session = self._open_session(memory, writes=False)
+            in_view = runs(session.positions.tolist()) if isinstance(session, MemorySession) and memory else []
             if self.config.read != "bag" and isinstance(session, MemorySession) and session.has_memory:
                 evidence = self.read_passages(session, prompt_ids, self.question_span(prompt, chat))
                 if self.config.read == "passages" and len(session.memory_layers) == self.shape.num_layers:
@@ -399,7 +406,8 @@ class MemoryLM:
                 logits = self._forward(session, [token], logits="last")[-1]
         if result is not None:
             result.text, result.token_ids, result.finish_reason = text, generated, finish
-            result.prompt_tokens, result.retrieved, result.evidence = len(prompt_ids), retrieved, evidence
+            result.prompt_tokens, result.retrieved = len(prompt_ids), retrieved
+            result.evidence, result.in_view = evidence, in_view
 
     def generate(self, prompt: str, memory: str | None = None, **options) -> str:
         return "".join(piece.text for piece in self.stream(prompt, memory, **options))

@@ -35,7 +35,7 @@ from memlm.bench.common import check_names, report_header
 from memlm.bench.passkey import Question, plain_answers
 from memlm.config import BACKENDS, READ_MODES, MemoryConfig
 from memlm.engine import MemoryLM
-from memlm.memory.reading import evidence_rank, token_spans
+from memlm.memory.reading import evidence_found, token_spans
 from memlm.model.loading import load_model
 from memlm.store import FaissStore
 from memlm.tasks import Task, babilong, handbook, kv_lines, multi_needle, passkey, prose_needles
@@ -86,9 +86,10 @@ class Trial:
     # Plain model only: whether the answer lay in the part of the document that fits its
     # window (when not, it was not run: it cannot know the answer). None for the backends.
     visible: bool | None = None
-    # Memory backends that read passages or blocks: the worst rank of the passages that held
-    # the task's evidence sentences, None when one was not read (`evidence_read` False); both
-    # None where nothing is read from a store (plain, xl, rmt).
+    # Memory backends: whether the task's evidence sentences were in front of the model (in the
+    # passages or blocks read, or in the sinks and local window), and the worst rank of the
+    # passages that brought them from memory (None: none needed, or missed); both None for
+    # the plain model.
     evidence_rank: int | None = None
     evidence_read: bool | None = None
 
@@ -149,7 +150,7 @@ def document_depths(document: int, documents: int, questions: int) -> list[float
     return [(j * documents + document + 0.5) / total for j in range(questions)]
 
 
-def prompt_text(lm: MemoryLM, task: Task, chat: bool) -> str:
+def prompt_text(lm: MemoryLM, task: Task, chat: bool = True) -> str:
     """What follows the document for the plain model: its question in the chat template as
     text (the tokens `MemoryLM.prompt_ids(question)` gives the backends), or with `chat`
     False the task's raw prompt where it has one."""
@@ -257,9 +258,9 @@ def run_config(
                 asked = dict(prompt=task.question, chat=True) if chat or task.prompt is None else dict(prompt=prompt, chat=False)
                 result = lm.generate_full(**asked, memory=memory, max_new_tokens=task.answer_tokens)
                 output, visible = result.text, None
-                if result.evidence and task.evidence:
-                    rank = evidence_rank(result.evidence, token_spans(base.tokenizer, document, task.evidence))
-                    read = rank is not None
+                if (result.evidence or result.in_view) and task.evidence:
+                    spans = token_spans(base.tokenizer, document, task.evidence)
+                    rank, read = evidence_found(result.evidence, result.in_view, spans)
             trials.append(Trial(name, family, task.kind, length, tokens, task.depth, seed, task.question,
                                 task.answer, output, task.score(output), visible, rank, read))  # fmt: skip
             right = [t.right for t in trials if t.length == length]
@@ -297,12 +298,13 @@ def summarize(trials: list[Trial], config: EvalConfig) -> tuple[dict, dict, dict
                 accuracy[kind][name][str(length)] = {
                     "right": right, "n": n, "accuracy": right / n if n else None, "ci95": list(wilson(right, n)),
                 }  # fmt: skip
-                ranks = [t.evidence_rank for t in cell if t.evidence_read is not None]
-                found = [rank for rank in ranks if rank is not None]
+                scored = [t for t in cell if t.evidence_read is not None]
+                read = sum(t.evidence_read for t in scored)
+                ranks = [t.evidence_rank for t in scored if t.evidence_rank is not None]  # read from memory
                 evidence[kind][name][str(length)] = {
-                    "read": len(found), "n": len(ranks), "recall": len(found) / len(ranks) if ranks else None,
-                    "ci95": list(wilson(len(found), len(ranks))),
-                    "median_rank": float(np.median(found)) if found else None,
+                    "read": read, "n": len(scored), "recall": read / len(scored) if scored else None,
+                    "ci95": list(wilson(read, len(scored))),
+                    "median_rank": float(np.median(ranks)) if ranks else None,
                 }  # fmt: skip
         reference = in_window_reference(accuracy[kind], config)
         for name in config.configs:

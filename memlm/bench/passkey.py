@@ -22,7 +22,7 @@ from memlm.bench.common import check_names, report_header
 from memlm.config import MemoryConfig
 from memlm.engine import MemoryLM
 from memlm.model.loading import load_model
-from memlm.memory.reading import evidence_rank, token_spans
+from memlm.memory.reading import evidence_found, token_spans
 from memlm.store import FaissStore
 from memlm.tasks import Task, passkey, prose_needles
 
@@ -138,9 +138,9 @@ def run_trials(
                 asked = task.question if chat else task.prompt
                 answer = lm.generate_full(asked, memory="bench", chat=chat, max_new_tokens=task.answer_tokens)
                 output = answer.text
-                if answer.evidence:
-                    rank = evidence_rank(answer.evidence, token_spans(base.tokenizer, task.document, task.evidence))
-                    read = rank is not None
+                if answer.evidence or answer.in_view:
+                    spans = token_spans(base.tokenizer, task.document, task.evidence)
+                    rank, read = evidence_found(answer.evidence, answer.in_view, spans)
                 lm.forget("bench")
             right = task.score(output) if lm is not None or ran else False
             result.trials.append(Trial(length, tokens, depth, task.answer, output, right, ingest_s, rank, read))

@@ -9,14 +9,17 @@ each fact answers 7/8). The passage read instead:
 
 1. *probes*: the prompt runs once over the local window only, and each memory layer keeps
    its queries at the question's own tokens (`question_span`: never the template's);
-2. *votes*: per layer and query head, the question's summed query searches the memory's
-   blocks; each head's top blocks get votes weighted by how reliably that head retrieves
-   evidence (`HeadProfile`, measured by `memlm calibrate heads`) and by rank;
-3. *selects* one set of passages for the whole model (`select_passages`): the best-voted
-   blocks, widened by their neighbours, merged, in document order;
-4. *reads* them coherently (`reread_ids`): the passages' tokens (the memory's state keeps
-   every token id) are run through the model again between the document's first tokens
-   and its local window, at consecutive positions, so the question sees ordinary text.
+2. *scores* blocks: per layer and query head, the question's summed query searches the
+   memory's blocks and each head's top blocks get votes weighted by how reliably that head
+   finds evidence (`HeadProfile`, measured by `memlm calibrate heads`) and by rank; the
+   question's rare words in each block's token ids score them too (`lexical_scores`), and
+   the two rankings are fused (`fuse`; `read_scoring` picks either alone);
+3. *selects* one set of passages for the whole model (`select_passages`): the best blocks,
+   widened by their neighbours to whole blocks, merged, in document order;
+4. *reads* them coherently: every layer's stored keys and values of those blocks go between
+   the document's first tokens and its local window, at consecutive positions
+   (`MemorySession.place_passages`), or, with `read="reread"`, the passages' text (the
+   memory's state keeps every token id) runs through the model again (`reread_ids`).
 """
 
 from __future__ import annotations
@@ -217,6 +220,29 @@ def token_spans(tokenizer, document: str, sentences: Sequence[str]) -> list[tupl
         inside = np.flatnonzero((starts < at + len(sentence)) & (ends > at))
         spans.append((int(inside[0]), int(inside[-1]) + 1))
     return spans
+
+
+def runs(positions: Sequence[int]) -> list[tuple[int, int]]:
+    """Sorted token positions as runs [start, end) of consecutive ones."""
+    found: list[tuple[int, int]] = []
+    for position in positions:
+        if found and position == found[-1][1]:
+            found[-1] = (found[-1][0], position + 1)
+        else:
+            found.append((position, position + 1))
+    return found
+
+
+def evidence_found(
+    passages: list[Passage], in_view: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]
+) -> tuple[int | None, bool]:
+    """(rank, read): whether every evidence span was in front of the model, in a passage the
+    read placed there or in what is always in view (the sinks and the local window), and the
+    worst rank among the passages that brought it (None when none was needed or it was missed)."""
+    in_window = [any(start <= a and b <= end for start, end in in_view) for a, b in spans]
+    from_memory = [span for span, seen in zip(spans, in_window) if not seen]
+    rank = evidence_rank(passages, from_memory) if from_memory else None
+    return rank, not from_memory or rank is not None
 
 
 def evidence_rank(passages: list[Passage], spans: Sequence[tuple[int, int]]) -> int | None:
