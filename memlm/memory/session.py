@@ -172,7 +172,7 @@ class MemorySession:
 
             window.keys = torch.cat([window.keys[:, :sinks], tokens(blocks.keys), window.keys[:, sinks:]], dim=1)
             window.values = torch.cat([window.values[:, :sinks], tokens(blocks.values), window.values[:, sinks:]], dim=1)
-        read = torch.from_numpy(next(iter(fetched.values())).positions.reshape(-1)).long()
+        read = torch.tensor(next(iter(fetched.values())).positions.reshape(-1), dtype=torch.long)
         self.positions = torch.cat([self.positions[:sinks], read, self.positions[sinks:]])
         self.has_memory = False  # nothing more to read: the layout packs the positions
         self.reset_layout()
