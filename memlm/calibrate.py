@@ -58,11 +58,11 @@ def calibration_tasks(config: CalibrationConfig) -> list[list[Task]]:
     return documents
 
 
-def head_hits(lm: MemoryLM, memory: str, task: Task, hit_k: int) -> np.ndarray:
+def head_hits(lm: MemoryLM, memory: str, task: Task, evidence: tuple[int, int], hit_k: int) -> np.ndarray:
     """(layers, query heads) booleans: whose top `hit_k` blocks for the question reach into
-    the task's evidence sentence (read with its neighbours, such a block brings the sentence
-    in). Layers without memory stay False."""
-    [(start, end)] = token_spans(lm.tokenizer, task.document, task.evidence[:1])
+    the task's evidence sentence, document tokens [start, end) (read with its neighbours,
+    such a block brings the sentence in). Layers without memory stay False."""
+    start, end = evidence
     session = lm._open_session(memory, writes=False)
     assert isinstance(session, MemorySession)
     prompt = lm.prompt_ids(task.question)
@@ -87,9 +87,10 @@ def calibrate_heads(lm: MemoryLM, config: CalibrationConfig) -> tuple[HeadProfil
             if memory in lm.memories():
                 lm.forget(memory)
             lm.ingest(tasks[0].document, memory, progress=False)
+            spans = token_spans(lm.tokenizer, tasks[0].document, [task.evidence[0] for task in tasks])  # tokenized once
             try:
-                for task in tasks:
-                    rows.append(head_hits(lm, memory, task, config.hit_k))
+                for task, span in zip(tasks, spans):
+                    rows.append(head_hits(lm, memory, task, span, config.hit_k))
                     bar.update()
             finally:
                 lm.forget(memory)

@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from memlm.bench.common import check_names, report_header
-from memlm.bench.passkey import Question, plain_answers
+from memlm.bench.passkey import Question, plain_answers, prompt_text
 from memlm.config import BACKENDS, READ_MODES, MemoryConfig
 from memlm.engine import MemoryLM
 from memlm.memory.reading import evidence_found, token_spans
@@ -148,18 +148,6 @@ def document_depths(document: int, documents: int, questions: int) -> list[float
     and each document spans the range."""
     total = documents * questions
     return [(j * documents + document + 0.5) / total for j in range(questions)]
-
-
-def prompt_text(lm: MemoryLM, task: Task, chat: bool = True) -> str:
-    """What follows the document for the plain model: its question in the chat template as
-    text (the tokens `MemoryLM.prompt_ids(question)` gives the backends), or with `chat`
-    False the task's raw prompt where it has one."""
-    if task.prompt is not None and not chat:
-        return task.prompt
-    if lm.tokenizer.chat_template:
-        messages = [{"role": "user", "content": task.question}]
-        return lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return f"Question: {task.question}\nAnswer:"
 
 
 Document = tuple[str, int, int, list[Task]]  # (family, length, seed, the tasks on one document)

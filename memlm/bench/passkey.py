@@ -127,7 +127,7 @@ def run_trials(
             started = time.perf_counter()
             rank = read = None
             if lm is None:
-                prompt = lm_prompt_text(base, task, chat)
+                prompt = prompt_text(base, task, chat)
                 [output] = plain_answers(base, task.document, [Question(prompt, task.answer, task.answer_tokens)])
                 ran = output is not None
                 output = output if ran else "(the key lies outside the model's window: not run)"
@@ -150,9 +150,16 @@ def run_trials(
     return result
 
 
-def lm_prompt_text(lm: MemoryLM, task: Task, chat: bool) -> str:
-    """The prompt as text: the question in the chat template, or the raw continuation prompt."""
-    return lm.tokenizer.decode(lm.prompt_ids(task.question, chat=True)) if chat else task.prompt
+def prompt_text(lm: MemoryLM, task: Task, chat: bool = True) -> str:
+    """What follows the document for the plain model: its question in the chat template as
+    text (the tokens `MemoryLM.prompt_ids(question)` gives the backends), or with `chat`
+    False the task's raw prompt where it has one."""
+    if task.prompt is not None and not chat:
+        return task.prompt
+    if lm.tokenizer.chat_template:
+        messages = [{"role": "user", "content": task.question}]
+        return lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return f"Question: {task.question}\nAnswer:"
 
 
 @torch.inference_mode()

@@ -41,7 +41,8 @@ from pathlib import Path
 import torch
 
 from memlm.bench.common import check_names, report_header
-from memlm.bench.eval import _pyplot, config_adapter, config_lm, prompt_text, run_config, wilson
+from memlm.bench.eval import _pyplot, config_adapter, config_lm, run_config, wilson
+from memlm.bench.passkey import prompt_text
 from memlm.config import BACKENDS, MemoryConfig
 from memlm.demo import read_document
 from memlm.engine import MemoryLM
