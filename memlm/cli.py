@@ -99,7 +99,7 @@ def ask(
     options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, chat=chat)
     try:
         if server is not None:
-            from memlm.client import MemoryClient
+            from memlm.serve.client import MemoryClient
 
             pieces = (piece.text for piece in MemoryClient(server).generate(question, memory=memory, **options))
         else:
@@ -186,7 +186,7 @@ def store_serve(
     host: Annotated[str, typer.Option(help="Address to bind.")] = "[::]",
 ) -> None:
     """Serve the MemoryStore gRPC service."""
-    from services.store_server import run
+    from memlm.serve.store_server import run
 
     run(port, data, token, tls_cert, tls_key, host=host)
 
@@ -213,7 +213,7 @@ def serve(
     ray_address: Annotated[Optional[str], typer.Option(help="With --ray: join this cluster (default: start one).")] = None,
 ) -> None:
     """Serve the MemoryLM gRPC service (Ingest, Generate, ListMemories, DeleteMemory)."""
-    from services.model_server import ModelServerConfig, run
+    from memlm.serve.model_server import ModelServerConfig, run
 
     settings = {"top_k": top_k} if top_k is not None else {}
     config = ModelServerConfig(

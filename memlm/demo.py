@@ -155,7 +155,7 @@ class RemoteReader:
     CHUNK_CHARS = 16_000  # text per Ingest call: the progress bar moves once per call
 
     def __init__(self, address: str):
-        from memlm.client import MemoryClient
+        from memlm.serve.client import MemoryClient
 
         self.client = MemoryClient(address)
         self.memory = f"demo-{uuid.uuid4().hex[:8]}"  # never appends to someone else's memory

@@ -13,7 +13,7 @@ import numpy as np
 from memlm.protos import bearer_metadata, store_pb2, store_pb2_grpc
 from memlm.store import Blocks, FaissStore, MemoryNotFound, SearchResult
 from memlm.store.wire import blocks_to_proto, layout_of, state_to_proto
-from services.store_server import serve
+from memlm.serve.store_server import serve
 
 
 def random_blocks(rng: np.random.Generator, n: int, heads=2, block_len=4, dim=8, start=0, dtype=np.float32) -> Blocks:

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from memlm.cli import app
 from memlm.demo import QUICK_FACTS, RemoteReader, read_document, run_demo
-from services.model_server import ModelServerConfig, serve
+from memlm.serve.model_server import ModelServerConfig, serve
 
 REPO = Path(__file__).resolve().parent.parent
 FACT = "The pass key is 48213. Remember it."

@@ -1,4 +1,4 @@
-"""The model's layers in Ray actors (services/ray_pipeline.py): blocks of layers give the
+"""The model's layers in Ray actors (memlm/serve/ray_pipeline.py): blocks of layers give the
 stock model's logits, and a 2-shard pipeline on a local Ray cluster (1 CPU per shard) gives
 the same tokens as one process, directly and through the gRPC service."""
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import TinyTokenizer, tiny_lm, tiny_model
 
-from memlm.client import MemoryClient
-from services.model_server import ModelServerConfig, serve
-from services.ray_pipeline import PipelineConfig, layer_blocks, load_pipelines, shard_model
+from memlm.serve.client import MemoryClient
+from memlm.serve.model_server import ModelServerConfig, serve
+from memlm.serve.ray_pipeline import PipelineConfig, layer_blocks, load_pipelines, shard_model
 
 SETTINGS = dict(segment_len=32, sink_len=4, local_len=16, block_len=4, top_k=2, query_chunk=8)
 DOC = "The passkey is 7291. Remember it. " + "The grass is green and the sky is blue. " * 6

@@ -23,11 +23,11 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from store_fixtures import free_port
 from store_fixtures import running_server as running_store
 
-from memlm.client import MemoryClient, ServiceError, ingest_requests
+from memlm.serve.client import MemoryClient, ServiceError, ingest_requests
 from memlm.protos import memlm_pb2, memlm_pb2_grpc
 from memlm.store.remote import RemoteStore
-from services import model_server
-from services.model_server import MemoryLocks, ModelServer, ModelServerConfig, serve
+from memlm.serve import model_server
+from memlm.serve.model_server import MemoryLocks, ModelServer, ModelServerConfig, serve
 
 REPO = Path(__file__).resolve().parent.parent
 # Small segments and windows, so that a few hundred tokens already fill the memory.

@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from memlm.protos import store_pb2, to_tensor
 from memlm.store import open_store
 from memlm.store.remote import RemoteConfig, RemoteStore
-from services import store_server
+from memlm.serve import store_server
 from store_fixtures import (
     append_requests,
     assert_same_results,
@@ -313,7 +313,7 @@ def test_persistence_across_restart(tmp_path, backend):
 
 def _start_subprocess_server(data: str, port: int) -> subprocess.Popen:
     process = subprocess.Popen(
-        [sys.executable, "-m", "services.store_server", "--port", str(port), "--data", data, "--host", "127.0.0.1"],
+        [sys.executable, "-m", "memlm.serve.store_server", "--port", str(port), "--data", data, "--host", "127.0.0.1"],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,

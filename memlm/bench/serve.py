@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from memlm.client import MemoryClient
+from memlm.serve.client import MemoryClient
 from memlm.engine import MemoryLM
 
 
@@ -168,7 +168,7 @@ def soak(client: MemoryClient, config: BenchConfig, memory: str, expected: list[
 
 def bench_ray(config: BenchConfig, text: str, local: MemoryLM) -> dict:
     """Ingest and one greedy answer on a 2-shard pipeline vs the same in one process."""
-    from services.ray_pipeline import PipelineConfig, load_pipelines
+    from memlm.serve.ray_pipeline import PipelineConfig, load_pipelines
 
     started = time.perf_counter()
     (pipeline,) = load_pipelines(PipelineConfig(shards=config.ray_shards, store="memory", dtype=config.dtype))
@@ -192,7 +192,7 @@ def bench_ray(config: BenchConfig, text: str, local: MemoryLM) -> dict:
 
 
 def run(config: BenchConfig) -> Report:
-    from services.model_server import ModelServerConfig, serve
+    from memlm.serve.model_server import ModelServerConfig, serve
 
     report = Report(config=asdict(config))
     lm = MemoryLM.load(store="memory", dtype=config.dtype)

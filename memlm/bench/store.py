@@ -145,7 +145,7 @@ class StoreServer:
     def __init__(self, data: str):
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "services.store_server", "--port", "0", "--data", data, "--host", "127.0.0.1"],
+            [sys.executable, "-m", "memlm.serve.store_server", "--port", "0", "--data", data, "--host", "127.0.0.1"],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,

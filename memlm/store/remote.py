@@ -1,4 +1,4 @@
-"""`RemoteStore`: the `VectorStore` of a `MemoryStore` gRPC server (services/store_server.py).
+"""`RemoteStore`: the `VectorStore` of a `MemoryStore` gRPC server (memlm/serve/store_server.py).
 
     store = open_store("grpc://127.0.0.1:50052")            # or RemoteStore(RemoteConfig([...]))
     store = open_store("grpc://10.0.0.5:50052,10.0.0.6:50052")   # memories spread over two servers

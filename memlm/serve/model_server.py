@@ -4,7 +4,7 @@ this process, or over Ray actors that each run a block of its layers (`--ray`).
     memlm serve                                     # embedded model, default store, port 50051
     memlm serve --store grpc://store:50052 --metrics-port 9090
     memlm serve --ray --shards 2 --replicas 1       # a local Ray cluster (or --ray-address ADDR)
-    python -m services.model_server --port 50051    # the same without the CLI
+    python -m memlm.serve.model_server --port 50051    # the same without the CLI
 
 From Python: `server = serve(ModelServerConfig(port=0), engine=lm)` returns a started
 `ModelServer` (`.port`, `.metrics`, `.stop(grace_s)`); without an engine it loads one from
@@ -48,8 +48,8 @@ from memlm.engine import GenerationResult, IngestCancelled, MemoryLM
 from memlm.protos import memlm_pb2, memlm_pb2_grpc
 from memlm.store import MemoryNotFound, check_memory_name
 from memlm.store.settings import StoreSettings
-from services.metrics import ServerMetrics, configure_json_logging
-from services.serving import RunningServer, ServerOptions, Service, start_server, wait_for_signal
+from memlm.serve.metrics import ServerMetrics, configure_json_logging
+from memlm.serve.serving import RunningServer, ServerOptions, Service, start_server, wait_for_signal
 
 SERVICE_NAME = "memlm.v1.MemoryLM"
 DEFAULT_PORT = 50051
@@ -82,7 +82,7 @@ class ModelServerConfig:
     queue_size: int = 32  # requests waiting for a turn; one more gets RESOURCE_EXHAUSTED
     metrics_port: int | None = None  # Prometheus /metrics on this port (0: any free one)
     grace_s: float = 30.0  # how long a stop waits for calls in flight
-    # Ray (services/ray_pipeline.py): the model's layers in `shards` actors, `replicas` pipelines.
+    # Ray (memlm/serve/ray_pipeline.py): the model's layers in `shards` actors, `replicas` pipelines.
     ray: bool = False
     shards: int = 1
     replicas: int = 1
@@ -526,7 +526,7 @@ class ModelServer:
 def load_engines(config: ModelServerConfig) -> list[MemoryLM]:
     """The model(s) the config asks for: one in process, or Ray pipeline replicas."""
     if config.ray:
-        from services.ray_pipeline import PipelineConfig, load_pipelines  # ray is imported only when used
+        from memlm.serve.ray_pipeline import PipelineConfig, load_pipelines  # ray is imported only when used
 
         return load_pipelines(PipelineConfig.from_server_config(config))
     return [

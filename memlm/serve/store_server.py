@@ -3,7 +3,7 @@ FAISS or LanceDB store.
 
     memlm store-serve --port 50052 --data /var/lib/memlm          # FAISS files under the folder
     memlm store-serve --port 50052 --data lance:///var/lib/memlm  # LanceDB
-    python -m services.store_server --port 50052 --data DIR       # the same without the CLI
+    python -m memlm.serve.store_server --port 50052 --data DIR       # the same without the CLI
 
 From Python: `server = serve(port=0, data="lance:///tmp/m")` returns the started
 `grpc.Server` once the store has loaded, with the bound port as `server.port`;
@@ -45,7 +45,7 @@ from memlm.store.wire import (
     state_to_proto,
     stats_to_proto,
 )
-from services.serving import RunningServer, ServerOptions, Service, start_server, wait_for_signal
+from memlm.serve.serving import RunningServer, ServerOptions, Service, start_server, wait_for_signal
 
 SERVICE_NAME = "memlm.v1.MemoryStore"
 DEFAULT_PORT = 50052

@@ -373,7 +373,7 @@ def _store_service(config: PipelineConfig):
     over the configured store (its server is returned too, to stop it at the end)."""
     if config.store and config.store.startswith(("grpc://", "grpcs://")):
         return config.store, None
-    from services.store_server import serve as serve_store
+    from memlm.serve.store_server import serve as serve_store
 
     local = config.ray_address is None
     server = serve_store(port=0, data=config.store, host="127.0.0.1" if local else "[::]")
