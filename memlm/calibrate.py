@@ -19,7 +19,6 @@ from tqdm.auto import tqdm
 
 from memlm.engine import MemoryLM
 from memlm.memory.reading import HeadProfile, token_spans
-from memlm.memory.session import MemorySession
 from memlm.tasks import Task, handbook, prose_needles
 
 # Seeds of the calibration documents: benchmarks use seeds below 10**8.
@@ -63,8 +62,7 @@ def head_hits(lm: MemoryLM, memory: str, task: Task, evidence: tuple[int, int], 
     the task's evidence sentence, document tokens [start, end) (read with its neighbours,
     such a block brings the sentence in). Layers without memory stay False."""
     start, end = evidence
-    session = lm._open_session(memory, writes=False)
-    assert isinstance(session, MemorySession)
+    session = lm.open_session(memory, writes=False)
     prompt = lm.prompt_ids(task.question)
     hits = np.zeros((lm.shape.num_layers, lm.shape.num_heads), dtype=bool)
     for layer, found in lm.search_with_question(session, prompt, lm.question_span(task.question)).items():

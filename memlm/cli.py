@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from memlm.extras import MissingExtra
 from memlm.train.cli import train_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Language models with long-term, searchable memory.")
@@ -29,6 +30,10 @@ StoreOpt = Annotated[
 ]
 MemoryOpt = Annotated[str, typer.Option("--memory", "-m", help="Name of the memory.")]
 TopKOpt = Annotated[Optional[int], typer.Option(help="Memory blocks retrieved per head and query chunk.")]
+# What every benchmark takes: where its report goes, its file name stem, the documents' seed.
+OutDirOpt = Annotated[Path, typer.Option(help="Where to write JSON and PNG.")]
+NameOpt = Annotated[str, typer.Option(help="File name stem of the results.")]
+DocSeedOpt = Annotated[int, typer.Option(help="Seed of the generated documents.")]
 
 
 def _fail(message: str) -> None:
@@ -39,6 +44,11 @@ def _fail(message: str) -> None:
 def _names(value: str, known) -> list[str]:
     """A comma-separated option, "all" meaning every known name."""
     return list(known) if value == "all" else value.split(",")
+
+
+def _lengths(value: str) -> list[int]:
+    """Comma-separated document lengths in tokens."""
+    return [int(n) for n in value.split(",")]
 
 
 def _run_bench(run, config) -> None:
@@ -186,9 +196,9 @@ def store_serve(
     host: Annotated[str, typer.Option(help="Address to bind.")] = "[::]",
 ) -> None:
     """Serve the MemoryStore gRPC service."""
-    from memlm.serve.store_server import run
+    from memlm.serve.store_server import StoreServerConfig, run
 
-    run(port, data, token, tls_cert, tls_key, host=host)
+    run(StoreServerConfig(port=port, data=data, token=token, tls_cert=tls_cert, tls_key=tls_key, host=host))
 
 
 @app.command()
@@ -234,8 +244,8 @@ def bench_passkey(
     trials: Annotated[int, typer.Option(help="Trials per length and configuration.")] = 20,
     configs: Annotated[str, typer.Option(help="Comma-separated configurations (see memlm/bench/passkey.py).")] = "all",
     model: ModelOpt = None,
-    out: Annotated[Path, typer.Option(help="Where to write JSON and PNG.")] = Path("benchmarks/results"),
-    name: Annotated[str, typer.Option(help="File name stem of the results.")] = "passkey",
+    out: OutDirOpt = Path("benchmarks/results"),
+    name: NameOpt = "passkey",
     throughput_length: Annotated[int, typer.Option(help="Document length for the speed measurements.")] = 32_000,
     haystack: Annotated[str, typer.Option(help="prose (the Vim manual) or filler (repeated sentences).")] = "prose",
     chat: Annotated[bool, typer.Option(help="Ask in the chat template (--no-chat: the raw prompt).")] = True,
@@ -245,7 +255,7 @@ def bench_passkey(
 
     try:
         run(
-            lengths=[int(n) for n in lengths.split(",")],
+            lengths=_lengths(lengths),
             trials=trials,
             configs=configs,
             model=model,
@@ -271,18 +281,19 @@ def bench_eval(
         "plain,fot,knn,xl,rmt"
     ),
     model: ModelOpt = None,
-    seed: Annotated[int, typer.Option(help="Seed of the generated documents.")] = 0,
+    seed: DocSeedOpt = 0,
     chat: Annotated[bool, typer.Option(help="Ask in the chat template (--no-chat: raw continuation prompts).")] = True,
-    out: Annotated[Path, typer.Option(help="Where to write JSON and PNG.")] = Path("benchmarks/results"),
-    name: Annotated[str, typer.Option(help="File name stem of the results.")] = "eval",
+    out: OutDirOpt = Path("benchmarks/results"),
+    name: NameOpt = "eval",
     resume: ResumeOpt = None,
 ) -> None:
     """Long-context tasks (passkey, key-value lines, multi-needle, BABILong-style facts, document QA):
     accuracy with 95% intervals and retention against the in-window accuracy, per backend."""
-    from memlm.bench.eval import CONFIGS, FAMILIES, LONG_LENGTH, EvalConfig, run
+    from memlm.bench.eval import CONFIGS, LONG_LENGTH, EvalConfig, run
+    from memlm.bench.families import FAMILIES
 
     config = EvalConfig(
-        lengths=[int(n) for n in lengths.split(",")] + ([LONG_LENGTH] if long else []),
+        lengths=_lengths(lengths) + ([LONG_LENGTH] if long else []),
         window_length=window_length,
         trials=trials,
         families=_names(tasks, FAMILIES),
@@ -314,9 +325,9 @@ def bench_train(
     fot_adapter: Annotated[Optional[Path], typer.Option(help="LoRA adapter of fot+lora (memlm train fot).")] = None,
     knn_adapter: Annotated[Optional[Path], typer.Option(help="Gates of knn+gates (memlm train gate).")] = None,
     model: ModelOpt = None,
-    seed: Annotated[int, typer.Option(help="Seed of the generated documents.")] = 0,
-    out: Annotated[Path, typer.Option(help="Where to write JSON and PNG.")] = Path("benchmarks/results"),
-    name: Annotated[str, typer.Option(help="File name stem of the results.")] = "train",
+    seed: DocSeedOpt = 0,
+    out: OutDirOpt = Path("benchmarks/results"),
+    name: NameOpt = "train",
 ) -> None:
     """Memory backends before and after training (fot, fot+lora, knn, knn+gates): perplexity of
     held-out long documents with and without memory, passkey and BABILong-style accuracy. A
@@ -324,7 +335,7 @@ def bench_train(
     from memlm.bench.train import CONFIGS, TrainBenchConfig, run
 
     config = TrainBenchConfig(
-        lengths=[int(n) for n in lengths.split(",")],
+        lengths=_lengths(lengths),
         trials=trials,
         families=tasks.split(","),
         docs=docs,
@@ -351,9 +362,9 @@ def bench_backends(
     configs: Annotated[str, typer.Option(help="Comma-separated: plain,fot,knn,xl,rmt.")] = "all",
     speed_length: Annotated[int, typer.Option(help="Document length for the speed measurements (0: none).")] = 16_000,
     model: ModelOpt = None,
-    seed: Annotated[int, typer.Option(help="Seed of the generated documents.")] = 0,
-    out: Annotated[Path, typer.Option(help="Where to write JSON and PNG.")] = Path("benchmarks/results"),
-    name: Annotated[str, typer.Option(help="File name stem of the results.")] = "backends",
+    seed: DocSeedOpt = 0,
+    out: OutDirOpt = Path("benchmarks/results"),
+    name: NameOpt = "backends",
     resume: ResumeOpt = None,
 ) -> None:
     """Every memory backend next to the plain model: passkey and BABILong-style fact QA at
@@ -361,7 +372,7 @@ def bench_backends(
     from memlm.bench.backends import CONFIGS, BackendsConfig, run
 
     config = BackendsConfig(
-        lengths=[int(n) for n in lengths.split(",")],
+        lengths=_lengths(lengths),
         trials=trials,
         window_length=window_length,
         configs=_names(configs, CONFIGS),
@@ -388,8 +399,8 @@ def bench_realdoc(
         "plain,in-window,fot,knn,rmt"
     ),
     model: ModelOpt = None,
-    out: Annotated[Path, typer.Option(help="Where to write JSON and PNG.")] = Path("benchmarks/results"),
-    name: Annotated[str, typer.Option(help="File name stem of the results.")] = "realdoc",
+    out: OutDirOpt = Path("benchmarks/results"),
+    name: NameOpt = "realdoc",
 ) -> None:
     """Free-form QA on a real document (the Vim user manual of Debian's vim-runtime, fetched with
     apt when missing): the plain model, the model with only the answer's chapter, and each backend."""
@@ -413,7 +424,7 @@ def bench_realdoc(
 @bench_app.command("store")
 def bench_store(
     sizes: Annotated[str, typer.Option(help="Comma-separated vector counts.")] = "10000,100000,1000000",
-    out: Annotated[Path, typer.Option(help="Where to write JSON and PNG.")] = Path("benchmarks/results"),
+    out: OutDirOpt = Path("benchmarks/results"),
 ) -> None:
     """Vector store append and search: in-process FAISS, LanceDB, remote over loopback."""
     from memlm.bench.store import run
@@ -427,7 +438,7 @@ def bench_serve(
     max_tokens: Annotated[int, typer.Option(help="Tokens generated per stream.")] = 32,
     soak_seconds: Annotated[float, typer.Option(help="Seconds of 16 concurrent streams in a loop (0: none).")] = 60.0,
     ray_shards: Annotated[int, typer.Option(help="Shards of the Ray comparison (0: skip it).")] = 2,
-    out: Annotated[Path, typer.Option(help="Where to write JSON and PNG.")] = Path("benchmarks/results"),
+    out: OutDirOpt = Path("benchmarks/results"),
 ) -> None:
     """The gRPC model service over loopback: ingest, concurrent Generate streams, soak, Ray shards."""
     from memlm.bench.serve import BenchConfig, run
@@ -436,5 +447,15 @@ def bench_serve(
                     ray_shards=ray_shards, out_dir=str(out)))  # fmt: skip
 
 
+def main() -> None:
+    """The `memlm` console script: the app, with a missing optional dependency (an extra such
+    as ray or lance, which any command may reach) told in one line like any other error."""
+    try:
+        app()
+    except MissingExtra as error:
+        typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
-    app()
+    main()

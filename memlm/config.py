@@ -6,6 +6,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+import numpy as np
+
 Backend = Literal["fot", "knn", "xl", "rmt"]
 PositionMode = Literal["window", "zero", "exact"]
 ReadMode = Literal["passages", "reread", "bag"]
@@ -25,7 +27,7 @@ class MemoryConfig:
     # The first tokens of a document stay in local attention for good (attention sinks).
     sink_len: int = 64
     # Recent tokens before the current segment kept in local attention, whatever the segment
-    # boundaries: a question always sees this much of the document's end (DESIGN.md, lesson 1).
+    # boundaries: a question always sees this much of the document's end (the lesson in docs/design.md).
     local_len: int = 512
     # Layers that read and write the external memory: a list of indices or "all".
     memory_layers: list[int] | Literal["all"] = "all"
@@ -124,6 +126,20 @@ class MemoryConfig:
         if self.backend == "rmt":  # an rmt memory is a state of this size, not a window and blocks
             key["num_mem_tokens"] = self.num_mem_tokens
         return key
+
+    def stamp(self, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """`state` with the storage key added: the settings a stored memory depends on travel
+        with it, so that a model set otherwise refuses to read it (`check_stamp`)."""
+        return {**state, "storage_key": np.frombuffer(json.dumps(self.storage_key()).encode(), dtype=np.uint8)}
+
+    def check_stamp(self, memory: str, state: dict[str, np.ndarray]) -> None:
+        """Raise ValueError when `memory`'s state was written with other storage settings."""
+        stored = json.loads(bytes(state["storage_key"]).decode())
+        if stored != json.loads(json.dumps(self.storage_key())):
+            raise ValueError(
+                f"memory {memory!r} was written with {stored}; this model is set to "
+                f"{self.storage_key()}: use the same settings or a new memory name"
+            )
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

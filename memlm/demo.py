@@ -137,9 +137,10 @@ class LocalReader:
         return Ingested(stats.tokens, stats.seconds, self.lm.max_positions)
 
     def ask(self, question: str, max_new_tokens: int) -> Iterator[str]:
-        self._last = GenerationResult("", [], "", 0, {})
-        for piece in self.lm.stream(question, memory=self.memory, max_new_tokens=max_new_tokens, result=self._last):
+        generation = self.lm.stream(question, memory=self.memory, max_new_tokens=max_new_tokens)
+        for piece in generation:
             yield piece.text
+        self._last = generation.result
 
     def sources(self) -> list[Source]:
         return sources(self.lm, self.memory, self._last)

@@ -7,10 +7,9 @@
 
 from __future__ import annotations
 
-import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from tqdm.auto import tqdm
 
 from memlm.config import MemoryConfig
 from memlm.memory.backends import make_backend
-from memlm.memory.recurrent import RecurrentMemoryTokens, RecurrentSession
+from memlm.memory.recurrent import RecurrentSession
 from memlm.memory.reading import (
     HeadProfile,
     Passage,
@@ -32,10 +31,11 @@ from memlm.memory.reading import (
     question_search_keys,
     question_span,
     reread_ids,
-    runs,
     select_passages,
 )
-from memlm.memory.session import MemorySession, Retrieval
+from memlm.memory.base import Logits, Retrieval, Session
+from memlm.memory.session import MemorySession
+from memlm.model.adapter import load_adapter, shipped_adapter
 from memlm.model.install import install_memory_attention
 from memlm.model.loading import load_model
 from memlm.store import MemoryNotFound, VectorStore, check_memory_name, open_store
@@ -125,12 +125,8 @@ class MemoryLM:
         hf_model, tokenizer = load_model(model, dtype=DTYPES[dtype], device=device)
         lm = cls(hf_model, tokenizer, open_store(store), config)
         if adapter is None and model is None and default_adapter:
-            from memlm.train.adapter import shipped_adapter
-
             adapter = shipped_adapter(config.backend)
         if adapter is not None:
-            from memlm.train.adapter import load_adapter
-
             load_adapter(lm, adapter)
         if heads is not None:
             lm.head_profile = HeadProfile.load(heads, lm.shape.num_layers, lm.shape.num_heads)
@@ -149,11 +145,12 @@ class MemoryLM:
         with self._locks_guard:
             return self._locks.setdefault(memory, threading.Lock())
 
-    def _open_session(self, memory: str | None, writes: bool) -> MemorySession | RecurrentSession:
-        """A session over `memory` as last committed; None: no memory at all (plain model
-        with the same local window; for rmt, the trained initial memory)."""
+    def open_session(self, memory: str | None, writes: bool) -> Session:
+        """A session over `memory` as last committed (new when an ingest opens one that does
+        not exist); None: no memory at all (the plain model with the same local window; for
+        rmt, the trained initial memory)."""
         if memory is None:
-            return self._new_session("-", writes=False, state=None)
+            return self._session("-", writes=False, state=None)
         try:
             state = self.store.load_state(memory)
         except MemoryNotFound:
@@ -161,18 +158,23 @@ class MemoryLM:
                 raise
             state = None
         if state is not None:
-            stored = json.loads(bytes(state["storage_key"]).decode())
-            if stored != json.loads(json.dumps(self.config.storage_key())):
-                raise ValueError(
-                    f"memory {memory!r} was written with {stored}; this model is set to "
-                    f"{self.config.storage_key()}: use the same settings or a new memory name"
-                )
-        return self._new_session(memory, writes, state)
+            self.config.check_stamp(memory, state)
+        return self._session(memory, writes, state)
 
-    def _new_session(self, memory: str, writes: bool, state: dict | None) -> MemorySession | RecurrentSession:
-        if isinstance(self.backend, RecurrentMemoryTokens):
+    def _session(self, memory: str, writes: bool, state: dict | None) -> Session:
+        if self.config.backend == "rmt":
             return RecurrentSession(self.backend, self.model, writes, state)
-        return MemorySession(self.shape, self.config, self.backend, self.store, memory, writes, state)
+        return MemorySession(self.model, self.shape, self.config, self.backend, self.store, memory, writes, state)
+
+    @torch.inference_mode()
+    def forward(self, session: Session, token_ids: list[int], logits: Logits = "none") -> torch.Tensor | None:
+        """`session.forward` without autograd: what ingest, generation and benchmarks run."""
+        return session.forward(token_ids, logits)
+
+    def commit(self, memory: str, session: Session) -> None:
+        """Save a writing session's state, stamped with the settings it depends on, and commit."""
+        self.store.save_state(memory, self.config.stamp(session.state()))
+        self.store.commit(memory)
 
     # -- ingest ---------------------------------------------------------------------------
 
@@ -209,7 +211,7 @@ class MemoryLM:
         segments = range(0, len(token_ids), segment_len)
         logits: list[torch.Tensor] = []
         with self._lock(memory):
-            session = self._open_session(memory, writes=True)
+            session = self.open_session(memory, writes=True)
             try:
                 bar = tqdm(total=len(token_ids), unit="tok", desc=f"ingest {memory}", disable=not progress)
                 with bar:
@@ -217,14 +219,11 @@ class MemoryLM:
                         if cancelled is not None and cancelled():
                             raise IngestCancelled(f"ingest into {memory!r} cancelled; the memory is as it was")
                         segment = token_ids[start : start + segment_len]
-                        out = self._forward(session, segment, logits="all" if return_logits else "none")
+                        out = self.forward(session, segment, logits="all" if return_logits else "none")
                         if return_logits:
                             logits.append(out)
                         bar.update(len(segment))
-                state = session.state()
-                state["storage_key"] = np.frombuffer(json.dumps(self.config.storage_key()).encode(), dtype=np.uint8)
-                self.store.save_state(memory, state)
-                self.store.commit(memory)
+                self.commit(memory, session)
             except BaseException:
                 self.store.rollback(memory)
                 raise
@@ -236,24 +235,6 @@ class MemoryLM:
             memory_tokens=self.store.stats(memory).tokens,
             logits=torch.cat(logits) if return_logits else None,
         )
-
-    @torch.inference_mode()
-    def _forward(self, session: MemorySession | RecurrentSession, token_ids: list[int], logits: str) -> torch.Tensor | None:
-        """Run tokens through the model; logits "none", "last" (T=1 row) or "all" (T rows)."""
-        if isinstance(session, RecurrentSession):
-            return session.forward(token_ids, logits)
-        device = self.model.device
-        input_ids = torch.tensor([token_ids], device=device)
-        position_ids = session.positions_for(len(token_ids)).unsqueeze(0).to(device)
-        if logits == "none":  # ingest needs no logits: skip the LM head (a large share of a small model's work)
-            self.model.model(input_ids=input_ids, position_ids=position_ids, memory_session=session)
-            result = None
-        else:
-            keep = 1 if logits == "last" else 0
-            out = self.model(input_ids=input_ids, position_ids=position_ids, memory_session=session, logits_to_keep=keep)
-            result = out.logits[0].float()
-        session.advance(token_ids)
-        return result
 
     # -- generate -------------------------------------------------------------------------
 
@@ -279,7 +260,7 @@ class MemoryLM:
         of `layers`) with each query head's summed queries at the question's tokens: per
         layer, (Hkv, G, k) top blocks, one row per query head."""
         session.question = question
-        self._forward(session, prompt_ids, logits="none")
+        self.forward(session, prompt_ids, logits="none")
         found = {}
         for layer, queries in session.question_queries.items():
             if layers is None or layer in layers:
@@ -326,7 +307,7 @@ class MemoryLM:
         the passages and the local window, in document order at consecutive positions."""
         separator = self.tokenizer("\n\n", add_special_tokens=False)["input_ids"]
         context = reread_ids(session.token_ids, session.positions.tolist(), passages, separator)
-        return self._new_session("-", writes=False, state=None), context
+        return self.open_session(None, writes=False), context
 
     def stream(
         self,
@@ -338,85 +319,149 @@ class MemoryLM:
         stop: list[str] | None = None,
         chat: bool = True,
         seed: int | None = None,
-        result: GenerationResult | None = None,
-    ) -> Iterator[Piece]:
-        """Generate token by token, reading `memory` at every step in the memory layers.
-        Greedy when temperature is 0; nucleus sampling otherwise. Fills `result` if given."""
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError("the prompt is empty")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if not 0.0 <= temperature <= 5.0:
-            raise ValueError(f"temperature must lie in [0, 5], got {temperature}")
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
-        if memory is not None:
-            check_memory_name(memory)
+    ) -> Generation:
+        """Generate token by token, reading `memory` (the passage read, then the memory layers
+        at every step). Greedy when temperature is 0; nucleus sampling otherwise. Bad arguments
+        raise ValueError here; the model runs as the pieces are taken."""
+        check_generation(prompt, memory, max_new_tokens, temperature, top_p)
+        return Generation(self._generate(prompt, memory, max_new_tokens, temperature, top_p, stop, chat, seed))
+
+    def _generate(
+        self,
+        prompt: str,
+        memory: str | None,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        stop: list[str] | None,
+        chat: bool,
+        seed: int | None,
+    ) -> Generator[Piece, None, GenerationResult]:
         prompt_ids = self.prompt_ids(prompt, chat)
         # A generation reads a snapshot: the session copies the window, and the lock keeps an
         # ingest from committing halfway through the read of the store's state (and, for the
         # passage read, of its blocks).
-        evidence: list[Passage] = []
-        context: list[int] = []
         with self._lock(memory or ""):
-            session = self._open_session(memory, writes=False)
-            in_view = runs(session.positions.tolist()) if isinstance(session, MemorySession) and memory else []
-            if self.config.read != "bag" and isinstance(session, MemorySession) and session.has_memory:
-                evidence = self.read_passages(session, prompt_ids, self.question_span(prompt, chat))
-                if self.config.read == "passages" and len(session.memory_layers) == self.shape.num_layers:
-                    session.place_passages(self.fetch_passages(session, evidence))
-                else:  # "reread", or memory in some layers only: the others hold no passage keys
-                    session, context = self.reread_session(session, evidence)
-        session.positions_for(0)  # lay out the window to know where the prompt starts
+            session = self.open_session(memory, writes=False)
+            in_view = session.in_view()
+            session, context, evidence = self._read_for(session, prompt, prompt_ids, chat)
         used = session.window_end + len(context) + len(prompt_ids) + max_new_tokens
         if self.config.position_mode != "exact" and used > self.max_positions:
             raise ValueError(
                 f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) do not fit the model's "
                 f"context next to the memory's local window; shorten the prompt or lower max_new_tokens"
             )
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        stop = [s for s in (stop or []) if s]
-        eos = set(_as_list(self.tokenizer.eos_token_id) + _as_list(getattr(self.model.generation_config, "eos_token_id", None)))
-        generated: list[int] = []
-        text = ""
-        logits = self._forward(session, context + prompt_ids, logits="last")[-1]
+        logits = self.forward(session, context + prompt_ids, logits="last")[-1]
         retrieved = dict(session.retrieved)
         if not evidence and retrieved:
             evidence = bag_evidence(retrieved, self.config.block_len, self.config.sink_len)
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        eos = set(_as_list(self.tokenizer.eos_token_id) + _as_list(getattr(self.model.generation_config, "eos_token_id", None)))
+        text = StopMatcher(self.tokenizer, stop)
         finish = "length"
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             token = _pick(logits, temperature, top_p, generator)
             if token in eos:
                 finish = "stop"
                 yield Piece("", token, finish)
                 break
-            generated.append(token)
-            full = self.tokenizer.decode(generated, skip_special_tokens=True)
-            piece, text = full[len(text) :], full
-            hit = next((s for s in stop if s in text), None)
-            if hit is not None:
-                cut = text.index(hit)
-                piece = piece[: max(0, len(piece) - (len(text) - cut))]
-                text, finish = text[:cut], "stop"
+            piece = text.add(token)
+            if text.stopped:
+                finish = "stop"
                 yield Piece(piece, token, finish)
                 break
-            last = len(generated) == max_new_tokens
+            last = step == max_new_tokens - 1
             yield Piece(piece, token, "length" if last else None)
             if not last:
-                logits = self._forward(session, [token], logits="last")[-1]
-        if result is not None:
-            result.text, result.token_ids, result.finish_reason = text, generated, finish
-            result.prompt_tokens, result.retrieved = len(prompt_ids), retrieved
-            result.evidence, result.in_view = evidence, in_view
+                logits = self.forward(session, [token], logits="last")[-1]
+        return GenerationResult(text.text, text.token_ids, finish, len(prompt_ids), retrieved, evidence, in_view)
+
+    def _read_for(
+        self, session: Session, prompt: str, prompt_ids: list[int], chat: bool
+    ) -> tuple[Session, list[int], list[Passage]]:
+        """The question's passage read (`config.read`): the session to generate in, the token
+        ids to run before the prompt, and the passages read. The bag read, or no memory to
+        read: the session as it is."""
+        if self.config.read == "bag" or not session.has_memory:
+            return session, [], []
+        evidence = self.read_passages(session, prompt_ids, self.question_span(prompt, chat))
+        if self.config.read == "passages" and len(session.memory_layers) == self.shape.num_layers:
+            session.place_passages(self.fetch_passages(session, evidence))
+            return session, [], evidence
+        # "reread", or memory in some layers only: the others hold no passage keys.
+        session, context = self.reread_session(session, evidence)
+        return session, context, evidence
 
     def generate(self, prompt: str, memory: str | None = None, **options) -> str:
         return "".join(piece.text for piece in self.stream(prompt, memory, **options))
 
     def generate_full(self, prompt: str, memory: str | None = None, **options) -> GenerationResult:
-        result = GenerationResult("", [], "", 0, {})
-        for _ in self.stream(prompt, memory, result=result, **options):
+        generation = self.stream(prompt, memory, **options)
+        for _ in generation:
             pass
-        return result
+        return generation.result
+
+
+class Generation:
+    """A generation under way: iterate it for its pieces; when they are all out, `result`
+    holds the whole answer and what the question read. `close()` stops it early (the model
+    computes no further token)."""
+
+    def __init__(self, steps: Generator[Piece, None, GenerationResult]):
+        self._steps = steps
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> Generation:
+        return self
+
+    def __next__(self) -> Piece:
+        try:
+            return next(self._steps)
+        except StopIteration as finished:
+            self.result = finished.value
+            raise
+
+    def close(self) -> None:
+        self._steps.close()
+
+
+def check_generation(prompt: str, memory: str | None, max_new_tokens: int, temperature: float, top_p: float) -> None:
+    """Raise ValueError, saying what is wrong, for arguments `MemoryLM.stream` cannot use."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("the prompt is empty")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not 0.0 <= temperature <= 5.0:
+        raise ValueError(f"temperature must lie in [0, 5], got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+    if memory is not None:
+        check_memory_name(memory)
+
+
+class StopMatcher:
+    """The text of the tokens generated so far, cut before the first stop string."""
+
+    def __init__(self, tokenizer, stop: list[str] | None):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in (stop or []) if s]
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.stopped = False  # a stop string appeared: the text ends before it
+
+    def add(self, token: int) -> str:
+        """Take the next token; returns the text it adds (empty while a character is
+        incomplete; only what comes before a stop string)."""
+        self.token_ids.append(token)
+        # Decode the whole answer each time: a token's text can depend on its neighbours.
+        full = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        piece, self.text = full[len(self.text) :], full
+        hit = next((s for s in self.stop if s in self.text), None)
+        if hit is not None:
+            cut = self.text.index(hit)
+            piece = piece[: max(0, len(piece) - (len(self.text) - cut))]
+            self.text, self.stopped = self.text[:cut], True
+        return piece
 
 
 def bag_evidence(retrieved: dict[int, Retrieval], block_len: int, grid: int) -> list[Passage]:

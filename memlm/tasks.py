@@ -55,7 +55,7 @@ class Task:
     # an rmt memory is trained to write down (memlm/train/methods.py).
     facts: tuple[str, ...] = ()
     # The document's sentences that answer the question, as written there: what a memory's
-    # read must place in front of the model (evidence recall, memlm/bench/evidence.py).
+    # read must place in front of the model (evidence recall, memlm/memory/reading.py `evidence_found`).
     evidence: tuple[str, ...] = ()
 
     def score(self, output: str) -> bool:

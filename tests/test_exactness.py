@@ -152,12 +152,9 @@ def test_xl_cache_carries_no_gradient() -> None:
     from memlm.memory.session import MemorySession
 
     lm = tiny_lm(backend="xl", segment_len=16, local_len=64)
-    session = MemorySession(lm.shape, lm.config, lm.backend, lm.store, "doc", writes=True)
+    session = MemorySession(lm.model, lm.shape, lm.config, lm.backend, lm.store, "doc", writes=True)
     for start in (0, 16):
-        segment = list(range(start + 1, start + 17))
-        positions = session.positions_for(16).unsqueeze(0)
-        logits = lm.model(input_ids=torch.tensor([segment]), position_ids=positions, memory_session=session).logits
-        session.advance(segment)
+        logits = session.forward(list(range(start + 1, start + 17)), logits="all")
     assert all(not w.keys.requires_grad and not w.values.requires_grad for w in session.windows)
     logits.sum().backward()
     assert lm.model.model.embed_tokens.weight.grad is not None
@@ -209,7 +206,7 @@ def test_rmt_answer_gradient_reaches_the_first_write_through_three_segments() ->
 
     def grad_of_answer(cut_after_first: bool) -> torch.Tensor | None:
         lm.backend.write_prompt.grad = None
-        writer = lm._new_session("x", writes=True, state=None)
+        writer = lm.open_session("x", writes=True)
         for number, start in enumerate(range(0, 24, 8)):
             writer.learn(ids[start : start + 8], notes=[5, 6] if number == 0 else [])
             if number == 0 and cut_after_first:

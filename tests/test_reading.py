@@ -133,14 +133,14 @@ def test_a_reread_is_the_stock_model_over_the_passages_and_the_prompt() -> None:
     document = random_ids(400, 1)
     lm.ingest_tokens(document, "doc", progress=False)
     prompt = lm.prompt_ids("what now", chat=False)
-    session = lm._open_session("doc", writes=False)
+    session = lm.open_session("doc", writes=False)
     passages = lm.read_passages(session, prompt, slice(0, len(prompt)))
     assert 1 <= len(passages) <= 3
     reread, context = lm.reread_session(session, passages)
     separator = lm.tokenizer("\n\n")["input_ids"]
     assert context == reread_ids(document, lm.store.load_state("doc")["window_positions"].tolist(), passages, separator)
     assert len(context) < 400  # a selection, not the document
-    got = lm._forward(reread, context + prompt, logits="all")
+    got = lm.forward(reread, context + prompt, logits="all")
     with torch.no_grad():
         expected = tiny_model()(torch.tensor([context + prompt])).logits[0]
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
@@ -151,7 +151,7 @@ def test_a_reread_is_the_stock_model_over_the_passages_and_the_prompt() -> None:
 def test_stored_passages_sit_at_consecutive_positions_in_document_order() -> None:
     lm = tiny_lm(segment_len=32, sink_len=4, local_len=32, block_len=4, read_blocks=3, read_context=4)
     lm.ingest_tokens(random_ids(400, 3), "doc", progress=False)
-    session = lm._open_session("doc", writes=False)
+    session = lm.open_session("doc", writes=False)
     prompt = lm.prompt_ids("what now", chat=False)
     passages = lm.read_passages(session, prompt, slice(0, len(prompt)))
     window = session.positions.tolist()
@@ -188,7 +188,7 @@ def test_only_voting_heads_choose_the_passages(monkeypatch) -> None:
     weights = np.zeros_like(lm.head_profile.weights)
     weights[1, 3] = 1.0
     lm.head_profile = HeadProfile(weights)
-    session = lm._open_session("doc", writes=False)
+    session = lm.open_session("doc", writes=False)
     prompt = lm.prompt_ids("what now", chat=False)
     choice = lm.search_with_question(session, prompt, slice(0, len(prompt)), layers=[1])[1].positions[1, 1, 0]
     [passage] = lm.generate_full("what now", memory="doc", chat=False, max_new_tokens=1).evidence

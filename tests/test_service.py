@@ -27,7 +27,8 @@ from memlm.serve.client import MemoryClient, ServiceError, ingest_requests
 from memlm.protos import memlm_pb2, memlm_pb2_grpc
 from memlm.store.remote import RemoteStore
 from memlm.serve import model_server
-from memlm.serve.model_server import MemoryLocks, ModelServer, ModelServerConfig, serve
+from memlm.serve.admission import MemoryLocks
+from memlm.serve.model_server import ModelServer, ModelServerConfig, serve
 
 REPO = Path(__file__).resolve().parent.parent
 # Small segments and windows, so that a few hundred tokens already fill the memory.
@@ -303,8 +304,8 @@ def test_killed_client_mid_ingest_leaves_memory_as_it_was(server):
 
 def test_deadline_mid_ingest_rolls_back():
     lm = make_lm()
-    forward = lm._forward
-    lm._forward = lambda *args, **kwargs: (time.sleep(0.05), forward(*args, **kwargs))[1]  # a slow model
+    forward = lm.forward
+    lm.forward = lambda *args, **kwargs: (time.sleep(0.05), forward(*args, **kwargs))[1]  # a slow model
     with model_service(lm) as server:
         _check_deadline_mid_ingest(server)
 

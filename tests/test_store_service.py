@@ -313,7 +313,7 @@ def test_persistence_across_restart(tmp_path, backend):
 
 def _start_subprocess_server(data: str, port: int) -> subprocess.Popen:
     process = subprocess.Popen(
-        [sys.executable, "-m", "memlm.serve.store_server", "--port", str(port), "--data", data, "--host", "127.0.0.1"],
+        [sys.executable, "-m", "memlm.cli", "store-serve", "--port", str(port), "--data", data, "--host", "127.0.0.1"],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,

@@ -239,7 +239,7 @@ def test_the_plain_model_reads_a_document_once_and_answers_each_question_as_alon
     """plain_answers shares the document's cache between questions; each answer must equal
     the stock model's greedy answer on [window cut ; that prompt] alone, and a question whose
     answer fell out of the window is not run."""
-    from memlm.bench.passkey import Question, plain_answers
+    from memlm.bench.trials import Question, plain_answers
 
     lm = tiny_lm()
     letters = torch.randint(0, 26, (5_000,), generator=torch.Generator().manual_seed(0))

@@ -9,7 +9,8 @@ from conftest import TinyTokenizer, tiny_lm
 from memlm.engine import MemoryLM
 from memlm.store import FaissStore
 from memlm.tasks import Task, babilong
-from memlm.train.adapter import add_lora, load_adapter, save_adapter
+from memlm.model.adapter import load_adapter
+from memlm.train.adapter import add_lora, save_adapter
 from memlm.train.loop import TrainConfig, train
 from memlm.train.methods import (
     crossbatch_loss,
@@ -190,7 +191,7 @@ def test_shipped_rmt_notes_the_facts_and_answers_from_its_notes(seed: int) -> No
 def test_shipped_adapters_apply_by_default_to_the_embedded_model() -> None:
     from safetensors.torch import load_file
 
-    from memlm.train.adapter import SHIPPED, shipped_adapter
+    from memlm.model.adapter import SHIPPED, shipped_adapter
 
     assert set(SHIPPED) <= {"fot", "knn", "rmt"} and all(shipped_adapter(b) is not None for b in SHIPPED)
     trained = load_file(str(shipped_adapter("knn")))["gate_bias"]

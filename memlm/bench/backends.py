@@ -21,14 +21,13 @@ from pathlib import Path
 
 import torch
 
-from memlm.bench.common import check_names
-from memlm.bench.eval import EvalConfig, _pyplot, config_lm, evaluate, print_table, write
+from memlm.bench.eval import DEFAULT_CONFIGS, EvalConfig, config_lm, evaluate, print_table, write
 from memlm.bench.passkey import throughput
-from memlm.config import BACKENDS
+from memlm.bench.report import check_names, saved_figure
 from memlm.model.loading import load_model
 
 FAMILIES: tuple[str, ...] = ("passkey", "babilong")
-CONFIGS: tuple[str, ...] = ("plain", *BACKENDS)
+CONFIGS: tuple[str, ...] = DEFAULT_CONFIGS  # the plain model and every backend
 
 
 @dataclass
@@ -87,16 +86,13 @@ def print_speed(speed: dict[str, dict]) -> None:
 
 
 def plot_speed(speed: dict[str, dict], path: Path) -> None:
-    plt = _pyplot()
     names = list(speed)
-    figure, (left, right) = plt.subplots(1, 2, figsize=(8, 3), layout="constrained")
-    left.bar(names, [speed[n]["ingest_ratio"] for n in names])
-    left.axhline(1.0, color="grey", linestyle="--", linewidth=1)
-    left.set(title="ingest speed / plain forward", ylabel="ratio (higher is faster)")
-    right.bar(names, [speed[n]["decode_ratio"] for n in names], color="tab:orange")
-    right.axhline(1.0, color="grey", linestyle="--", linewidth=1)
-    right.set(title="decode time, full / empty memory", ylabel="ratio (lower is faster)")
-    length = next(iter(speed.values()))["length"]
-    figure.suptitle(f"cost of each backend on a {length}-token document", fontsize=10)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    with saved_figure(path, 1, 2, figsize=(8, 3), layout="constrained") as (figure, (left, right)):
+        left.bar(names, [speed[n]["ingest_ratio"] for n in names])
+        left.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+        left.set(title="ingest speed / plain forward", ylabel="ratio (higher is faster)")
+        right.bar(names, [speed[n]["decode_ratio"] for n in names], color="tab:orange")
+        right.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+        right.set(title="decode time, full / empty memory", ylabel="ratio (lower is faster)")
+        length = next(iter(speed.values()))["length"]
+        figure.suptitle(f"cost of each backend on a {length}-token document", fontsize=10)

@@ -9,20 +9,19 @@ classic repeated "The grass is green." filler; `chat=False`: the raw continuatio
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import DynamicCache
 
-from memlm.bench.common import check_names, report_header
+from memlm.bench.report import check_names, report_header, save_report, saved_figure
+from memlm.bench.trials import Question, memory_answer, plain_answers, prompt_text
 from memlm.config import MemoryConfig
 from memlm.engine import MemoryLM
 from memlm.model.loading import load_model
-from memlm.memory.reading import evidence_found, token_spans
 from memlm.store import FaissStore
 from memlm.tasks import Task, passkey, prose_needles
 
@@ -66,47 +65,6 @@ class ConfigResult:
         return sum(read) / len(read) if read else None
 
 
-@dataclass(frozen=True)
-class Question:
-    prompt: str  # what follows the document
-    answer: str  # the text that must lie in the window for the model to be able to know it
-    max_new_tokens: int = 8
-
-
-def plain_answers(lm: MemoryLM, document: str, questions: list[Question]) -> list[str | None]:
-    """The stock model on each question: the document's last tokens that fit its window
-    (the same cut for every question, made for the longest one), then the question's prompt.
-
-    The document's tokens run through the model once; each question continues from that
-    cache, which is then cut back to the document (`crop`) for the next: what answering each
-    alone would compute. None for a question whose answer is not in the tokens that fit: the
-    model cannot know it then, and running it (tens of seconds per question on a CPU for an
-    8k-token window) would only measure luck.
-    """
-    doc_ids = lm.tokenizer(document, add_special_tokens=False)["input_ids"]
-    prompts = [lm.prompt_ids(q.prompt, chat=False) for q in questions]
-    room = lm.max_positions - max(len(p) + q.max_new_tokens for p, q in zip(prompts, questions))
-    kept = doc_ids[-room:]
-    window_text = lm.tokenizer.decode(kept)
-    visible = [q.answer in window_text for q in questions]
-    if not any(visible):
-        return [None] * len(questions)
-    outputs: list[str | None] = []
-    with torch.inference_mode():
-        cache = DynamicCache(config=lm.model.config)
-        lm.model(torch.tensor([kept]), past_key_values=cache, use_cache=True)
-        for question, prompt_ids, seen in zip(questions, prompts, visible):
-            if not seen:
-                outputs.append(None)
-                continue
-            input_ids = torch.tensor([kept + prompt_ids])
-            out = lm.model.generate(input_ids, past_key_values=cache, max_new_tokens=question.max_new_tokens,
-                                    do_sample=False, pad_token_id=0)  # fmt: skip
-            outputs.append(lm.tokenizer.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True))
-            cache.crop(len(kept) - cache.get_seq_length())  # drop what this question added
-    return outputs
-
-
 def passkey_task(length: int, depth: float, seed: int, haystack: str) -> Task:
     if haystack == "filler":
         return passkey(length, depth=depth, seed=seed)
@@ -127,20 +85,14 @@ def run_trials(
             started = time.perf_counter()
             rank = read = None
             if lm is None:
-                prompt = prompt_text(base, task, chat)
-                [output] = plain_answers(base, task.document, [Question(prompt, task.answer, task.answer_tokens)])
+                [output] = plain_answers(base, task.document, [Question.of(task, prompt_text(base, task, chat))])
                 ran = output is not None
                 output = output if ran else "(the key lies outside the model's window: not run)"
                 ingest_s, tokens = 0.0, len(base.tokenizer(task.document)["input_ids"])
             else:
                 stats = lm.ingest(task.document, memory="bench", progress=False)
                 ingest_s, tokens = time.perf_counter() - started, stats.tokens
-                asked = task.question if chat else task.prompt
-                answer = lm.generate_full(asked, memory="bench", chat=chat, max_new_tokens=task.answer_tokens)
-                output = answer.text
-                if answer.evidence or answer.in_view:
-                    spans = token_spans(base.tokenizer, task.document, task.evidence)
-                    rank, read = evidence_found(answer.evidence, answer.in_view, spans)
+                output, rank, read = memory_answer(lm, task, "bench", chat)
                 lm.forget("bench")
             right = task.score(output) if lm is not None or ran else False
             result.trials.append(Trial(length, tokens, depth, task.answer, output, right, ingest_s, rank, read))
@@ -148,18 +100,6 @@ def run_trials(
             bar.update()
     bar.close()
     return result
-
-
-def prompt_text(lm: MemoryLM, task: Task, chat: bool = True) -> str:
-    """What follows the document for the plain model: its question in the chat template as
-    text (the tokens `MemoryLM.prompt_ids(question)` gives the backends), or with `chat`
-    False the task's raw prompt where it has one."""
-    if task.prompt is not None and not chat:
-        return task.prompt
-    if lm.tokenizer.chat_template:
-        messages = [{"role": "user", "content": task.question}]
-        return lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return f"Question: {task.question}\nAnswer:"
 
 
 @torch.inference_mode()
@@ -183,11 +123,11 @@ def throughput(lm: MemoryLM, length: int, repeats: int = 2) -> dict:
         return lm.ingest_tokens(ids, "bench-full", progress=False).seconds
 
     def decode_ms(memory: str | None, steps: int = 32) -> float:
-        session = lm._open_session(memory, writes=False)
-        lm._forward(session, lm.prompt_ids(task.prompt, chat=False), logits="last")
+        session = lm.open_session(memory, writes=False)
+        lm.forward(session, lm.prompt_ids(task.prompt, chat=False), logits="last")
         started = time.perf_counter()
         for _ in range(steps):
-            lm._forward(session, [42], logits="last")
+            lm.forward(session, [42], logits="last")
         return (time.perf_counter() - started) / steps * 1000
 
     def first_token_s(read: str) -> float:
@@ -248,18 +188,27 @@ def run(
         settings = CONFIGS[config]
         lm = None if settings is None else MemoryLM(hf_model, tokenizer, FaissStore(None), replace(MemoryConfig(), **settings))
         results.append(run_trials(lm, base, config, lengths, trials, haystack, chat))
-        save(report_of(results, speed, lengths, trials, model, haystack, chat), out_dir, name)  # partial results survive a stop
-    report = report_of(results, speed, lengths, trials, model, haystack, chat)
+        so_far = report_of(results, speed, lengths, trials, model, base.max_positions, haystack, chat)
+        save_report(so_far, out_dir / name, {"": partial(plot, so_far)})  # partial results survive a stop
+    report = report_of(results, speed, lengths, trials, model, base.max_positions, haystack, chat)
     print_table(report)
-    save(report, out_dir, name)
+    save_report(report, out_dir / name, {"": partial(plot, report)})
     return report
 
 
 def report_of(
-    results: list[ConfigResult], speed: dict, lengths: list[int], trials: int, model: str | None, haystack: str, chat: bool
+    results: list[ConfigResult],
+    speed: dict,
+    lengths: list[int],
+    trials: int,
+    model: str | None,
+    model_window: int,
+    haystack: str,
+    chat: bool,
 ) -> dict:
     return {
         **report_header(model),
+        "model_window": model_window,  # tokens: where the plain model starts to cut documents
         "haystack": haystack,
         "chat": chat,
         "lengths": lengths,
@@ -269,13 +218,6 @@ def report_of(
         "throughput": speed,
         "trials": {r.name: [asdict(t) for t in r.trials] for r in results},
     }
-
-
-def save(report: dict, out_dir: Path, name: str) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{name}.json").write_text(json.dumps(report, indent=1))
-    plot(report, out_dir / f"{name}.png")
-    print(f"wrote {out_dir / name}.json and {out_dir / name}.png")
 
 
 def print_table(report: dict) -> None:
@@ -302,21 +244,14 @@ def print_table(report: dict) -> None:
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (accuracy, speed) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, by_length in report["accuracy"].items():
-        accuracy.plot(report["lengths"], [by_length[str(n)] for n in report["lengths"]], marker="o", label=name)
-    accuracy.axvline(8192, color="grey", linestyle=":", label="model window")
-    accuracy.set(xscale="log", xlabel="document tokens", ylabel="passkey accuracy", ylim=(-0.05, 1.05))
-    accuracy.legend(fontsize=8)
-    s = report["throughput"] or {"ingest_ratio": 0.0, "decode_ratio": 0.0, "length": 0}
-    speed.bar(["ingest / plain forward", "decode full / empty"], [s["ingest_ratio"], s["decode_ratio"]])
-    speed.axhline(1.0, color="grey", linestyle=":")
-    speed.set(title=f"ratios at {s['length']} tokens", ylabel="ratio")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    with saved_figure(path, 1, 2, figsize=(11, 4), dpi=120) as (figure, (accuracy, speed)):
+        for name, by_length in report["accuracy"].items():
+            accuracy.plot(report["lengths"], [by_length[str(n)] for n in report["lengths"]], marker="o", label=name)
+        accuracy.axvline(report["model_window"], color="grey", linestyle=":", label="model window")
+        accuracy.set(xscale="log", xlabel="document tokens", ylabel="passkey accuracy", ylim=(-0.05, 1.05))
+        accuracy.legend(fontsize=8)
+        s = report["throughput"] or {"ingest_ratio": 0.0, "decode_ratio": 0.0, "length": 0}
+        speed.bar(["ingest / plain forward", "decode full / empty"], [s["ingest_ratio"], s["decode_ratio"]])
+        speed.axhline(1.0, color="grey", linestyle=":")
+        speed.set(title=f"ratios at {s['length']} tokens", ylabel="ratio")
+        figure.tight_layout()

@@ -36,13 +36,22 @@ import subprocess
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from memlm.bench.common import check_names, report_header
-from memlm.bench.eval import _pyplot, config_adapter, config_lm, run_config, wilson
-from memlm.bench.passkey import prompt_text
+from memlm.bench.eval import config_lm
+from memlm.bench.report import (
+    accuracy_cell,
+    adapter_names,
+    check_names,
+    interval_errors,
+    report_header,
+    save_report,
+    saved_figure,
+)
+from memlm.bench.trials import prompt_text, run_config
 from memlm.config import BACKENDS, MemoryConfig
 from memlm.demo import read_document
 from memlm.engine import MemoryLM
@@ -334,7 +343,7 @@ def evaluate(config: RealdocConfig) -> dict:
     print(f"{document.source}: {tokens} tokens, {len(tasks)} questions; the model's window is "
           f"{base.max_positions} tokens")  # fmt: skip
     whole = [("realdoc", tokens, 0, list(tasks))]  # one document, ingested once per backend
-    trials, seconds, adapters = [], {}, {}
+    trials, seconds = [], {}
     for name in config.configs:
         started = time.perf_counter()
         if name == "in-window":
@@ -344,18 +353,13 @@ def evaluate(config: RealdocConfig) -> dict:
             trials += run_config(name, None, base, docs)
         else:
             lm = config_lm(name, hf_model, tokenizer, config.model)
-            adapter = config_adapter(name, config.model)
-            if adapter is not None:
-                adapters[name] = adapter.name
             trials += run_config(name, lm, base, whole)
             del lm  # a backend with an adapter holds its own copy of the model
         seconds[name] = time.perf_counter() - started
     accuracy = {}
     for name in config.configs:
         mine = [t for t in trials if t.config == name]
-        right = sum(t.right for t in mine)
-        accuracy[name] = {"right": right, "n": len(mine), "accuracy": right / len(mine),
-                          "ci95": list(wilson(right, len(mine))),
+        accuracy[name] = {**accuracy_cell(sum(t.right for t in mine), len(mine)),
                           "not_run": sum(t.visible is False for t in mine)}  # fmt: skip
     return {
         "document": {"source": document.source, "package": document.package, "version": document.version,
@@ -363,7 +367,7 @@ def evaluate(config: RealdocConfig) -> dict:
                      "tokens": tokens},  # fmt: skip
         **report_header(config.model),
         "model_window": base.max_positions,
-        "adapters": adapters,
+        "adapters": adapter_names(config.configs, config.model),
         "configs": config.configs,
         "questions": [{"question": t.question, "answer": t.answer, "variants": list(t.variants),
                        "distractors": list(t.distractors), "chapter": t.chapter, "offset": t.offset,
@@ -379,11 +383,7 @@ def evaluate(config: RealdocConfig) -> dict:
 def run(config: RealdocConfig) -> dict:
     report = evaluate(config)
     print_table(report)
-    config.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = config.out_dir / config.name
-    Path(f"{stem}.json").write_text(json.dumps(report, indent=1))
-    plot(report, Path(f"{stem}.png"))
-    print(f"wrote {stem}.json and {stem}.png")
+    save_report(report, config.out_dir / config.name, {"": partial(plot, report)})
     return report
 
 
@@ -408,19 +408,16 @@ def print_table(report: dict) -> None:
 
 def plot(report: dict, path: Path) -> None:
     """Accuracy per configuration with its Wilson interval."""
-    plt = _pyplot()
     names = report["configs"]
     cells = [report["accuracy"][n] for n in names]
     mean = [c["accuracy"] for c in cells]
-    error = [[m - c["ci95"][0] for m, c in zip(mean, cells)], [c["ci95"][1] - m for m, c in zip(mean, cells)]]
-    figure, ax = plt.subplots(figsize=(max(4.5, 1.2 * len(names) + 1.5), 3.8), layout="constrained")
-    colours = ["#999999" if n in ("plain", "in-window") else "#3b75af" for n in names]  # without memory: grey
-    ax.bar(range(len(names)), mean, yerr=error, capsize=4, color=colours)
-    ax.set_xticks(range(len(names)), [f"{n}\n{c['right']}/{c['n']}" for n, c in zip(names, cells)])
-    ax.set(ylim=(0, 1.05), ylabel="accuracy (95% Wilson interval)")
-    doc = report["document"]
-    ax.set_title(f"{report['model']} (window {report['model_window']} tokens):\n{len(report['questions'])} "
-                 f"questions on {doc['tokens']} tokens of {doc['package'] or Path(doc['source']).name}",
-                 fontsize=9)  # fmt: skip
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    size = (max(4.5, 1.2 * len(names) + 1.5), 3.8)
+    with saved_figure(path, figsize=size, layout="constrained") as (figure, ax):
+        colours = ["#999999" if n in ("plain", "in-window") else "#3b75af" for n in names]  # without memory: grey
+        ax.bar(range(len(names)), mean, yerr=interval_errors(cells, mean), capsize=4, color=colours)
+        ax.set_xticks(range(len(names)), [f"{n}\n{c['right']}/{c['n']}" for n, c in zip(names, cells)])
+        ax.set(ylim=(0, 1.05), ylabel="accuracy (95% Wilson interval)")
+        doc = report["document"]
+        ax.set_title(f"{report['model']} (window {report['model_window']} tokens):\n{len(report['questions'])} "
+                     f"questions on {doc['tokens']} tokens of {doc['package'] or Path(doc['source']).name}",
+                     fontsize=9)  # fmt: skip

@@ -18,16 +18,17 @@ Writes `<out_dir>/serve.json` and `<out_dir>/serve.png` and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
-from memlm.serve.client import MemoryClient
+from memlm.bench.report import save_report, saved_figure
 from memlm.engine import MemoryLM
+from memlm.serve.client import MemoryClient
 
 
 @dataclass
@@ -214,10 +215,7 @@ def run(config: BenchConfig) -> Report:
         server.stop(5)
     if config.ray_shards:
         report.ray = bench_ray(config, text, lm)
-    out = Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "serve.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
-    plot(report, out / "serve.png")
+    save_report(asdict(report), Path(config.out_dir) / "serve", {"": partial(plot, report)}, indent=2, quiet=True)
     print_table(report)
     return report
 
@@ -254,32 +252,25 @@ def print_table(report: Report) -> None:
 
 
 def plot(report: Report, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    names, rates = ["in process", "gRPC"], [report.ingest_in_process_tps, report.ingest_grpc_tps]
-    if report.ray:
-        names += ["1 process (Ray run)", f"Ray {report.ray['shards']} shards"]
-        rates += [report.ray["single"]["ingest_tps"], report.ray["ray"]["ingest_tps"]]
-    axes[0].bar(names, rates, color=["tab:blue", "tab:orange", "tab:gray", "tab:green"][: len(names)])
-    axes[0].set_ylabel("ingest tokens/s")
-    axes[0].tick_params(axis="x", rotation=20)
-    streams = [level.streams for level in report.generate]
-    axes[1].plot(streams, [level.ttft_p50_s for level in report.generate], "o-", label="p50")
-    axes[1].plot(streams, [level.ttft_p99_s for level in report.generate], "s--", label="p99")
-    axes[1].set_xlabel("concurrent streams")
-    axes[1].set_ylabel("time to first token (s)")
-    axes[1].legend()
-    axes[2].bar([str(s) for s in streams], [level.tokens_per_second for level in report.generate])
-    axes[2].set_xlabel("concurrent streams")
-    axes[2].set_ylabel("total generated tokens/s")
-    fig.suptitle("memlm serve over loopback (embedded model, CPU)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with saved_figure(path, 1, 3, figsize=(14, 4), dpi=120) as (fig, axes):
+        names, rates = ["in process", "gRPC"], [report.ingest_in_process_tps, report.ingest_grpc_tps]
+        if report.ray:
+            names += ["1 process (Ray run)", f"Ray {report.ray['shards']} shards"]
+            rates += [report.ray["single"]["ingest_tps"], report.ray["ray"]["ingest_tps"]]
+        axes[0].bar(names, rates, color=["tab:blue", "tab:orange", "tab:gray", "tab:green"][: len(names)])
+        axes[0].set_ylabel("ingest tokens/s")
+        axes[0].tick_params(axis="x", rotation=20)
+        streams = [level.streams for level in report.generate]
+        axes[1].plot(streams, [level.ttft_p50_s for level in report.generate], "o-", label="p50")
+        axes[1].plot(streams, [level.ttft_p99_s for level in report.generate], "s--", label="p99")
+        axes[1].set_xlabel("concurrent streams")
+        axes[1].set_ylabel("time to first token (s)")
+        axes[1].legend()
+        axes[2].bar([str(s) for s in streams], [level.tokens_per_second for level in report.generate])
+        axes[2].set_xlabel("concurrent streams")
+        axes[2].set_ylabel("total generated tokens/s")
+        fig.suptitle("memlm serve over loopback (embedded model, CPU)")
+        fig.tight_layout()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -26,18 +26,19 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from memlm.bench.report import save_report, saved_figure
 from memlm.store import Blocks, FaissStore, VectorStore
 from memlm.store.lance_store import LanceStore
 from memlm.store.remote import RemoteStore
@@ -145,7 +146,7 @@ class StoreServer:
     def __init__(self, data: str):
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "memlm.serve.store_server", "--port", "0", "--data", data, "--host", "127.0.0.1"],
+            [sys.executable, "-m", "memlm.cli", "store-serve", "--port", "0", "--data", data, "--host", "127.0.0.1"],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
@@ -247,10 +248,7 @@ def run(
             with tempfile.TemporaryDirectory(prefix="memlm-bench-") as folder:
                 bench_size(config, size, Path(folder), report, progress)
     report.machine["load_after"] = os.getloadavg()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "store.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
-    plot(report, out / "store.png")
+    save_report(asdict(report), Path(out_dir) / "store", {"": partial(plot, report)}, indent=2, quiet=True)
     print_table(report)
     return report
 
@@ -279,39 +277,32 @@ def print_table(report: Report) -> None:
 
 
 def plot(report: Report, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_append, ax_search, ax_ann) = plt.subplots(1, 3, figsize=(16, 4.5))
-    for number, name in enumerate(dict.fromkeys(r.store for r in report.stores)):
-        style = dict(marker="o", color=f"C{number}", label=name)  # one colour per store in every panel
-        rows = [r for r in report.stores if r.store == name]
-        ax_search.plot([r.size for r in rows], [r.search_ms for r in rows], **style)
-        rows = [r for r in rows if r.append_vectors_per_s]
-        if rows:
-            ax_append.plot([r.size for r in rows], [r.append_vectors_per_s for r in rows], **style)
-    search_title = f"search ({report.config.queries} queries, top {report.config.top_k})"
-    for ax, title, unit in [(ax_append, "append", "vectors / s"), (ax_search, search_title, "ms per search")]:
-        ax.set(xscale="log", yscale="log", xlabel="vectors in memory", ylabel=unit)
-        ax.set_title(title)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    for size in dict.fromkeys(a.size for a in report.ann):
-        rows = [a for a in report.ann if a.size == size]
-        ax_ann.plot([a.search_ms for a in rows], [a.recall for a in rows], "o-", label=f"IVF_FLAT, N={size:,}")
-        for a in rows:
-            ax_ann.annotate(str(a.nprobes) + ("*" if a.chosen else ""), (a.search_ms, a.recall), fontsize=7)
-    ax_ann.axhline(0.95, color="grey", linestyle="--", linewidth=1)
-    ax_ann.set(xscale="log", xlabel="ms per search", ylabel=f"recall@{report.config.top_k} vs exact")
-    ax_ann.set_title("Lance ANN: nprobes sweep (* = measured choice)")
-    ax_ann.grid(True, which="both", alpha=0.3)
-    if report.ann:
-        ax_ann.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with saved_figure(path, 1, 3, figsize=(16, 4.5), dpi=120) as (fig, (ax_append, ax_search, ax_ann)):
+        for number, name in enumerate(dict.fromkeys(r.store for r in report.stores)):
+            style = dict(marker="o", color=f"C{number}", label=name)  # one colour per store in every panel
+            rows = [r for r in report.stores if r.store == name]
+            ax_search.plot([r.size for r in rows], [r.search_ms for r in rows], **style)
+            rows = [r for r in rows if r.append_vectors_per_s]
+            if rows:
+                ax_append.plot([r.size for r in rows], [r.append_vectors_per_s for r in rows], **style)
+        search_title = f"search ({report.config.queries} queries, top {report.config.top_k})"
+        for ax, title, unit in [(ax_append, "append", "vectors / s"), (ax_search, search_title, "ms per search")]:
+            ax.set(xscale="log", yscale="log", xlabel="vectors in memory", ylabel=unit)
+            ax.set_title(title)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+        for size in dict.fromkeys(a.size for a in report.ann):
+            rows = [a for a in report.ann if a.size == size]
+            ax_ann.plot([a.search_ms for a in rows], [a.recall for a in rows], "o-", label=f"IVF_FLAT, N={size:,}")
+            for a in rows:
+                ax_ann.annotate(str(a.nprobes) + ("*" if a.chosen else ""), (a.search_ms, a.recall), fontsize=7)
+        ax_ann.axhline(0.95, color="grey", linestyle="--", linewidth=1)
+        ax_ann.set(xscale="log", xlabel="ms per search", ylabel=f"recall@{report.config.top_k} vs exact")
+        ax_ann.set_title("Lance ANN: nprobes sweep (* = measured choice)")
+        ax_ann.grid(True, which="both", alpha=0.3)
+        if report.ann:
+            ax_ann.legend(fontsize=8)
+        fig.tight_layout()
 
 
 def main(argv: list[str] | None = None) -> None:

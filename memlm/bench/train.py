@@ -1,5 +1,5 @@
 """`memlm bench train`: does training help? The memory backends before and after training,
-side by side in one run (GitHub issue 6):
+side by side in one run:
 
 - `fot` (training-free) against `fot+lora` (the same backend with the LoRA adapter of
   `memlm train fot`);
@@ -29,31 +29,32 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from memlm.bench.common import check_names, report_header
-from memlm.bench.eval import (
-    FAMILIES,
-    EvalConfig,
-    _length_label,
-    _pyplot,
-    document_seed,
-    documents,
-    run_config,
-    summarize,
+from memlm.bench.eval import EvalConfig, documents, summarize
+from memlm.bench.families import FAMILIES, document_seed
+from memlm.bench.report import (
+    accuracy_text,
+    adapter_metadata,
+    check_names,
+    interval_errors,
+    length_label,
+    report_header,
+    save_report,
+    saved_figure,
 )
+from memlm.bench.trials import run_config
 from memlm.config import MemoryConfig
 from memlm.engine import MemoryLM
 from memlm.model.loading import load_model
 from memlm.store import FaissStore
-from memlm.train.adapter import SHIPPED_DIR, load_adapter
+from memlm.model.adapter import SHIPPED_DIR, load_adapter
 from memlm.train.data import handbook_ids, packed_documents
-
 
 CONFIGS: tuple[str, ...] = ("fot", "fot+lora", "knn", "knn+gates")
 
@@ -110,15 +111,6 @@ class TrainBenchConfig:
             else:
                 run.append(variant)
         return run, skipped
-
-
-def adapter_metadata(path: Path) -> dict:
-    """An adapter file's kind and provenance (the command, seed, losses that made it)."""
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-    provenance = metadata.get("provenance")
-    provenance = json.loads(provenance) if provenance else None
-    return {"path": str(path), "kind": metadata.get("kind"), "provenance": provenance}
 
 
 def build(
@@ -248,18 +240,11 @@ def run(config: TrainBenchConfig) -> dict:
         report["seconds"][variant.name] = time.perf_counter() - started
         report["accuracy"] = summarize(trials, replace(qa_config, configs=list(report["seconds"])))[0]
         report["answers"] = [asdict(t) for t in trials]
-        save(report, config.out_dir, config.name, quiet=True)  # partial results survive a stop
+        # Partial results survive a stop.
+        save_report(report, config.out_dir / config.name, {"": partial(plot, report)}, quiet=True)
     print_table(report)
-    save(report, config.out_dir, config.name)
+    save_report(report, config.out_dir / config.name, {"": partial(plot, report)})
     return report
-
-
-def save(report: dict, out_dir: Path, name: str, quiet: bool = False) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{name}.json").write_text(json.dumps(report, indent=1))
-    plot(report, out_dir / f"{name}.png")
-    if not quiet:
-        print(f"wrote {out_dir / name}.json and {out_dir / name}.png")
 
 
 def print_table(report: dict) -> None:
@@ -276,11 +261,7 @@ def print_table(report: dict) -> None:
     print(f"{'task':<16}{'config':<11}" + "".join(f"{n:>22}" for n in lengths))
     for kind, by_config in report["accuracy"].items():
         for name, by_length in by_config.items():
-            cells = []
-            for n in lengths:
-                cell = by_length[str(n)]
-                acc = "  -" if cell["accuracy"] is None else f"{cell['accuracy']:.2f}"
-                cells.append(f"{acc} [{cell['ci95'][0]:.2f},{cell['ci95'][1]:.2f}] ({cell['n']:>3})")
+            cells = [accuracy_text(by_length[str(n)]) for n in lengths]
             print(f"{kind:<16}{name:<11}" + "".join(f"{c:>22}" for c in cells))
     for name, why in report["skipped"].items():
         print(f"skipped {name}: {why}")
@@ -290,29 +271,25 @@ def plot(report: dict, path: Path) -> None:
     """Perplexity with and without memory per configuration; accuracy per configuration and
     length with Wilson intervals, one panel per task kind. Trained configurations sit next to
     their training-free ones (the order of CONFIGS)."""
-    plt = _pyplot()
     kinds, configs, lengths = list(report["accuracy"]), list(report["perplexity"]), report["lengths"]
-    figure, axes = plt.subplots(1, 1 + len(kinds), figsize=(3.6 * (1 + len(kinds)), 3.4), squeeze=False,
-                                layout="constrained")  # fmt: skip
-    ax, width = axes[0][0], 0.4
-    for offset, (key, label) in enumerate((("with_memory", "with memory"), ("without_memory", "without"))):
-        values = [report["perplexity"][name][key] for name in configs]
-        ax.bar([i + (offset - 0.5) * width for i in range(len(configs))], values, width, label=label)
-    ax.set_xticks(range(len(configs)), configs, fontsize=8)
-    ax.set(title=f"perplexity, last {report['perplexity_documents']['tail']} tokens", ylabel="perplexity")
-    ax.legend(fontsize=7)
-    width = 0.8 / max(1, len(configs))
-    for ax, kind in zip(axes[0][1:], kinds):
-        for offset, name in enumerate(report["accuracy"][kind]):
-            cells = [report["accuracy"][kind][name][str(n)] for n in lengths]
-            mean = [c["accuracy"] if c["accuracy"] is not None else 0.0 for c in cells]
-            errors = [[m - c["ci95"][0] for m, c in zip(mean, cells)], [c["ci95"][1] - m for m, c in zip(mean, cells)]]
-            x = [i + (offset - (len(configs) - 1) / 2) * width for i in range(len(lengths))]
-            ax.bar(x, mean, width, yerr=errors, capsize=2, label=name)
-        ax.set_xticks(range(len(lengths)), [_length_label(n) for n in lengths])
-        ax.set(title=kind, ylim=(0, 1.05), xlabel="document tokens", ylabel="accuracy")
-    if kinds:
-        axes[0][1].legend(fontsize=7)
-    figure.suptitle(f"{report['model']}: memory backends before and after training", fontsize=10)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    size = (3.6 * (1 + len(kinds)), 3.4)
+    with saved_figure(path, 1, 1 + len(kinds), figsize=size, squeeze=False, layout="constrained") as (figure, axes):
+        ax, width = axes[0][0], 0.4
+        for offset, (key, label) in enumerate((("with_memory", "with memory"), ("without_memory", "without"))):
+            values = [report["perplexity"][name][key] for name in configs]
+            ax.bar([i + (offset - 0.5) * width for i in range(len(configs))], values, width, label=label)
+        ax.set_xticks(range(len(configs)), configs, fontsize=8)
+        ax.set(title=f"perplexity, last {report['perplexity_documents']['tail']} tokens", ylabel="perplexity")
+        ax.legend(fontsize=7)
+        width = 0.8 / max(1, len(configs))
+        for ax, kind in zip(axes[0][1:], kinds):
+            for offset, name in enumerate(report["accuracy"][kind]):
+                cells = [report["accuracy"][kind][name][str(n)] for n in lengths]
+                mean = [c["accuracy"] if c["accuracy"] is not None else 0.0 for c in cells]
+                x = [i + (offset - (len(configs) - 1) / 2) * width for i in range(len(lengths))]
+                ax.bar(x, mean, width, yerr=interval_errors(cells, mean), capsize=2, label=name)
+            ax.set_xticks(range(len(lengths)), [length_label(n) for n in lengths])
+            ax.set(title=kind, ylim=(0, 1.05), xlabel="document tokens", ylabel="accuracy")
+        if kinds:
+            axes[0][1].legend(fontsize=7)
+        figure.suptitle(f"{report['model']}: memory backends before and after training", fontsize=10)

@@ -29,6 +29,10 @@ from memlm.memory.recurrent import RecurrentMemoryTokens
 class MemoryBackend(Protocol):
     name: str
 
+
+class VectorMemoryBackend(MemoryBackend, Protocol):
+    """fot and knn: memory layers read the vector store and merge what they read."""
+
     def combine(self, layer: int, local: Attended, memory: Attended) -> torch.Tensor:
         """Merge (Hkv, G, T, D) outputs of local and memory attention into one."""
 
@@ -60,9 +64,6 @@ class RecurrenceBackend:
     never a retrieved part to merge (MemoryConfig turns memory layers off for it)."""
 
     name = "xl"
-
-    def combine(self, layer: int, local: Attended, memory: Attended) -> torch.Tensor:
-        raise RuntimeError("the xl backend reads no vector memory")
 
 
 def make_backend(config: MemoryConfig, num_layers: int, num_heads: int, model) -> MemoryBackend:

@@ -14,24 +14,14 @@ survives a segment; it is saved under the memory's name (token ids), so `ingest`
 can be separate calls and processes.
 
 Departures from the paper, which feeds the write positions' raw hidden states back as the
-next memory and fine-tunes the whole model, each measured on the embedded model
-(SmolLM2-135M, base frozen, LoRA on attention):
-- Raw hidden states lie far from anything the frozen first layer has seen (norm ~50 against
-  ~3.2 for embeddings): reading them raised the answer loss from 3.7-7.6 to 9.7-18.7.
-- Memory vectors kept near real tokens (the LM head's distribution at temperature 0.3 times
-  the embedding matrix), written in parallel at fixed write positions and trained by
-  backpropagation through time alone, never learnt to carry a pass key through one segment:
-  the answer loss stayed at the guessing level (1.92 on the five digits) after 120-240 steps,
-  with or without an extra learnt linear path from the hidden states, and so did a learnt
-  pointer that copies segment tokens into the memory.
-- Read as plain text, the notes "The pass key is 71432." take the frozen model's answer loss
-  to 0.18; and writing the facts of a 512-token segment as notes, trained with the notes as
-  targets, reached 7/12 exact after 150 steps (3.7 min on this CPU).
-So the memory is written autoregressively as tokens, trained with the generator's facts as
-targets (teacher forcing) plus the answer's loss through the memory: in training the notes a
-later segment reads are the target tokens' embeddings with the gradient of the write's soft
-token (straight-through), so the answer's loss still flows back through every segment's
-write (truncated backpropagation through time).
+next memory and fine-tunes the whole model: here the base model stays frozen (LoRA on
+attention), and a frozen model reads its own tokens as text, but neither raw hidden states
+nor memory vectors trained by backpropagation through time alone (the measurements are in
+the README, Backends). So the memory is written autoregressively as tokens, trained with
+the generator's facts as targets (teacher forcing) plus the answer's loss through the
+memory: in training the notes a later segment reads are the target tokens' embeddings with
+the gradient of the write's soft token (straight-through), so the answer's loss still flows
+back through every segment's write (truncated backpropagation through time).
 """
 
 from __future__ import annotations
@@ -42,7 +32,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from memlm.config import RMT_WRITE_PROMPT_LEN
-from memlm.memory.attention import Attended
+from memlm.memory.base import Logits, Retrieval, logits_of
 
 WRITE_TEMPERATURE = 0.3  # of the soft tokens that carry the gradient through the notes in training
 
@@ -78,18 +68,19 @@ class RecurrentMemoryTokens(nn.Module):
         rows = torch.randint(0, embeddings.shape[0], (RMT_WRITE_PROMPT_LEN,), generator=generator)
         self.write_prompt = nn.Parameter(embeddings[rows].detach().float().clone())  # (P, hidden)
 
-    def combine(self, layer: int, local: Attended, memory: Attended) -> torch.Tensor:
-        raise RuntimeError("the rmt backend reads no vector memory")
-
 
 class RecurrentSession:
-    """One pass over an rmt memory. Writing (ingest): every `forward` is one segment and adds
-    its notes to the memory. Reading (generation): the first `forward` is prefixed with the
-    memory, later ones continue from the key/value cache. `learn` is a training write."""
+    """One pass over an rmt memory (the `Session` contract of memlm/memory/base.py). Writing
+    (ingest): every `forward` is one segment and adds its notes to the memory. Reading
+    (generation): the first `forward` is prefixed with the memory, later ones continue from
+    the key/value cache. `learn` is a training write."""
+
+    # The notes are read as a prefix: nothing is searched or retrieved from a vector store.
+    has_memory = False
 
     def __init__(self, rmt: RecurrentMemoryTokens, model, writes: bool, state: dict[str, np.ndarray] | None = None):
         self.rmt, self.model, self.writes = rmt, model, writes
-        self.retrieved: dict = {}  # nothing is retrieved: kept for the engine's common interface
+        self.retrieved: dict[int, Retrieval] = {}
         self.notes: list[int] = [] if state is None else state["rmt_notes"].tolist()
         self.token_ids: list[int] = [] if state is None else state["token_ids"].tolist()
         # Training only: the notes' embeddings with a gradient path to the writes that made them.
@@ -111,8 +102,8 @@ class RecurrentSession:
         """Positions a generation has used before its prompt (the memory prefix)."""
         return 1 + len(self.notes) if self._cache is None else self._next_position
 
-    def positions_for(self, num_new: int) -> torch.Tensor:
-        return torch.arange(self.window_end, self.window_end + num_new)
+    def in_view(self) -> list[tuple[int, int]]:
+        return []  # no document token stays in view: only the notes
 
     def _run(self, inputs: torch.Tensor, start: int, cache: DynamicCache | None = None) -> torch.Tensor:
         """Last hidden states (T, hidden) of input embeddings (T, hidden) at positions start.."""
@@ -121,14 +112,9 @@ class RecurrentSession:
                                use_cache=cache is not None)  # fmt: skip
         return out.last_hidden_state[0]
 
-    def _logits(self, hidden: torch.Tensor, logits: str) -> torch.Tensor | None:
-        if logits == "none":
-            return None
-        return self.model.lm_head(hidden[-1:] if logits == "last" else hidden).float()
-
-    def forward(self, token_ids: list[int], logits: str) -> torch.Tensor | None:
-        """Run tokens (a segment when writing, a prompt or the next token when reading).
-        `logits` "none", "last" or "all" as in `MemoryLM._forward`: of `token_ids` only."""
+    def forward(self, token_ids: list[int], logits: Logits) -> torch.Tensor | None:
+        """Run tokens (a segment when writing, a prompt or the next token when reading);
+        the logits are of `token_ids` only."""
         if self.writes:
             return self._write(token_ids, logits)
         if self._cache is None:  # the first call reads the memory, then the cache holds it
@@ -138,9 +124,9 @@ class RecurrentSession:
             inputs = self._embed(token_ids)
         hidden = self._run(inputs, self._next_position, self._cache)
         self._next_position += inputs.shape[0]
-        return self._logits(hidden[-len(token_ids) :], logits)
+        return logits_of(self.model, hidden[-len(token_ids) :], logits)
 
-    def _write(self, token_ids: list[int], logits: str) -> torch.Tensor | None:
+    def _write(self, token_ids: list[int], logits: Logits) -> torch.Tensor | None:
         """One ingest segment: read, then write notes greedily until the end token."""
         memory = self.memory()
         prefix = torch.cat([memory, self._embed(token_ids), self.rmt.write_prompt.to(memory.dtype)])
@@ -158,7 +144,7 @@ class RecurrentSession:
             position += 1
         self._keep(self.notes + new_notes, None)
         self.token_ids.extend(token_ids)
-        return self._logits(token_hidden, logits)
+        return logits_of(self.model, token_hidden, logits)
 
     def learn(self, token_ids: list[int], notes: list[int]) -> torch.Tensor:
         """A training write: the segment, then `notes` (what it should add) teacher-forced.

@@ -1,7 +1,8 @@
-"""A `MemorySession` is one pass over one memory: an ingest (which writes) or a generation
-(which only reads). It holds, per layer, the tokens in local attention (attention sinks +
-the recent window), lays out their RoPE positions for each forward pass, and is what the
-registered attention function calls for every layer.
+"""A `MemorySession` is one pass over one memory in the fot, knn and xl backends (the
+`Session` contract of memlm/memory/base.py): an ingest (which writes) or a generation
+(which only reads). It holds, per layer, the tokens in local attention (attention
+sinks + the recent window), lays out their RoPE positions for each forward pass, and is what
+the registered attention function calls for every layer.
 
 Keys are kept *unrotated* (RoPE undone) with their document positions, in the local window
 and in the store alike, and rotated to whatever position the layout gives them at read time:
@@ -21,7 +22,9 @@ import torch
 
 from memlm.config import MemoryConfig
 from memlm.memory.attention import Attended, attend, attend_chunks, chunk_query_sums, rotate
-from memlm.memory.backends import MemoryBackend
+from memlm.memory.backends import MemoryBackend, VectorMemoryBackend
+from memlm.memory.base import Logits, Retrieval, logits_of
+from memlm.memory.reading import runs
 from memlm.store.base import Blocks, VectorStore
 
 NUMPY_DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -42,14 +45,6 @@ class LayerWindow:
 
 
 @dataclass
-class Retrieval:
-    """What a memory layer read in the last forward pass (for explanations in the demo)."""
-
-    positions: np.ndarray  # (Hkv, C, k, B)
-    scores: np.ndarray  # (Hkv, C, k)
-
-
-@dataclass
 class ModelShape:
     num_layers: int
     num_heads: int
@@ -63,15 +58,16 @@ class ModelShape:
 class MemorySession:
     def __init__(
         self,
+        model,
         shape: ModelShape,
         config: MemoryConfig,
-        backend: MemoryBackend,
+        backend: VectorMemoryBackend | MemoryBackend,  # xl: no memory layers, nothing to combine
         store: VectorStore,
         memory: str,
         writes: bool,
         state: dict[str, np.ndarray] | None = None,
     ):
-        self.shape, self.config, self.backend, self.store = shape, config, backend, store
+        self.model, self.shape, self.config, self.backend, self.store = model, shape, config, backend, store
         self.memory, self.writes = memory, writes
         self.memory_layers = set(config.layer_indices(shape.num_layers))
         self.reads_memory = config.read_memory_in_ingest or not writes
@@ -131,14 +127,24 @@ class MemorySession:
                 window.cache_keys = rotate(window.keys, self._prefix_positions, self.shape.inv_freq)
                 window.cache_values = window.values
             self._layout_done = True
-            self.window_end = (
+            self._window_end = (
                 self.next_position
                 if self.config.position_mode == "exact"
                 else int(self._prefix_positions[-1]) + 1 if len(self._prefix_positions) else 0
             )
-        start = self.window_end
+        start = self._window_end
         self._new_positions = torch.arange(start, start + num_new)
         return self._new_positions
+
+    @property
+    def window_end(self) -> int:
+        """The position the next token takes (lays the window out first if needed)."""
+        if not self._layout_done:
+            self.positions_for(0)
+        return self._window_end
+
+    def in_view(self) -> list[tuple[int, int]]:
+        return runs(self.positions.tolist())
 
     def reset_layout(self) -> None:
         """Forget the forward passes since the layout (a probe of the prompt): a generation's
@@ -176,6 +182,25 @@ class MemorySession:
         self.positions = torch.cat([self.positions[:sinks], read, self.positions[sinks:]])
         self.has_memory = False  # nothing more to read: the layout packs the positions
         self.reset_layout()
+
+    # -- forward passes -------------------------------------------------------------------
+
+    def forward(self, token_ids: list[int], logits: Logits) -> torch.Tensor | None:
+        return logits_of(self.model, self.run(token_ids), logits)
+
+    def run(self, token_ids: list[int], inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """The model's layers over `token_ids` at this layout's positions, then `advance`:
+        last hidden states (1, T, hidden). `inputs_embeds` (1, T, hidden) stand in for the
+        token ids' embeddings (a pipeline shard after the first gets the previous one's)."""
+        device = self.model.device
+        position_ids = self.positions_for(len(token_ids)).unsqueeze(0).to(device)
+        if inputs_embeds is None:
+            inputs = dict(input_ids=torch.tensor([token_ids], device=device))
+        else:
+            inputs = dict(inputs_embeds=inputs_embeds.to(device, self.model.dtype))
+        hidden = self.model.model(**inputs, position_ids=position_ids, memory_session=self).last_hidden_state
+        self.advance(token_ids)
+        return hidden
 
     # -- attention (called by the registered attention function, once per layer) ----------
 
@@ -228,7 +253,7 @@ class MemorySession:
             for window in self.windows:
                 window.cache_keys = torch.cat([window.cache_keys, window.new_keys], dim=1)
                 window.cache_values = torch.cat([window.cache_values, window.new_values], dim=1)
-            self.window_end += num_new
+            self._window_end += num_new
             return
         new_positions = torch.arange(self.next_position, self.next_position + num_new)
         self.positions = torch.cat([self.positions, new_positions])

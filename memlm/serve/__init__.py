@@ -1,1 +1,2 @@
-"""gRPC servers and what they share (auth, health, TLS, graceful shutdown)."""
+"""The gRPC servers (model service, store service) and what they share (auth, errors, health,
+TLS, graceful shutdown), the Python client, and the Ray pipeline."""

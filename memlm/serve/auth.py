@@ -12,6 +12,7 @@ import hmac
 import grpc
 
 from memlm.protos import AUTH_METADATA
+from memlm.serve.errors import handler_like
 
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
@@ -45,12 +46,4 @@ def _rejecting(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHa
     def reject(request_or_iterator, context):
         context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    kind = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }[(handler.request_streaming, handler.response_streaming)]
-    return kind(
-        reject, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
-    )
+    return handler_like(handler, reject)

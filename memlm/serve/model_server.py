@@ -4,14 +4,13 @@ this process, or over Ray actors that each run a block of its layers (`--ray`).
     memlm serve                                     # embedded model, default store, port 50051
     memlm serve --store grpc://store:50052 --metrics-port 9090
     memlm serve --ray --shards 2 --replicas 1       # a local Ray cluster (or --ray-address ADDR)
-    python -m memlm.serve.model_server --port 50051    # the same without the CLI
 
 From Python: `server = serve(ModelServerConfig(port=0), engine=lm)` returns a started
 `ModelServer` (`.port`, `.metrics`, `.stop(grace_s)`); without an engine it loads one from
 the config (health says NOT_SERVING and calls get UNAVAILABLE meanwhile). `run(config)`
 blocks until SIGTERM/SIGINT, then lets the calls in flight finish.
 
-How a request goes:
+How a request goes (the waits of 2 and 3 are memlm/serve/admission.py):
 
 1. Checked before it waits for anything: bad input is answered at once.
 2. Admitted or refused: at most `concurrency` requests compute at once and `queue_size`
@@ -24,38 +23,39 @@ How a request goes:
    segments and rolls back. Waiting in 2 and 3 stops the same way.
 
 Ingest gathers its whole stream, up to the end message, before it touches the model: a
-client killed halfway changes nothing.
+client killed halfway changes nothing. Handlers raise; memlm/serve/errors.py answers each
+exception with its status code.
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import logging
 import math
-import sys
-import threading
 import time
 import uuid
-from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import grpc
 
-from memlm.engine import GenerationResult, IngestCancelled, MemoryLM
+from memlm.engine import IngestCancelled, MemoryLM
+from memlm.extras import require_extra
 from memlm.protos import memlm_pb2, memlm_pb2_grpc
-from memlm.store import MemoryNotFound, check_memory_name
-from memlm.store.settings import StoreSettings
+from memlm.serve.admission import Admission, Alive, MemoryLocks
+from memlm.serve.errors import AlreadyExists, ClientGone, InternalError, NotReady, ended_code, status_of
 from memlm.serve.metrics import ServerMetrics, configure_json_logging
-from memlm.serve.serving import RunningServer, ServerOptions, Service, start_server, wait_for_signal
+from memlm.serve.serving import RunningServer, ServerOptions, Service, StreamShape, start_server, wait_for_signal
+from memlm.store import check_memory_name
+from memlm.store.settings import StoreSettings
 
 SERVICE_NAME = "memlm.v1.MemoryLM"
 DEFAULT_PORT = 50051
 REQUEST_ID = "x-request-id"
 FINISH_REASONS = {"stop": memlm_pb2.FINISH_REASON_STOP, "length": memlm_pb2.FINISH_REASON_LENGTH}
 CHAT_ROLES = ("system", "user", "assistant")
+INGEST_STREAM = StreamShape("Ingest", first="start", last="end", advice="split the document into several ingests")
 
 log = logging.getLogger("memlm.serve")
 
@@ -89,120 +89,7 @@ class ModelServerConfig:
     ray_address: str | None = None  # None: start a local Ray cluster
 
 
-# -- what a request waits for -----------------------------------------------------------------------
-
-
-class QueueFull(Exception):
-    """More requests than compute slots plus queue places (answered RESOURCE_EXHAUSTED)."""
-
-
-class ClientGone(Exception):
-    """The call ended (cancelled, disconnected, past its deadline) before its work did."""
-
-
-Alive = Callable[[], bool]
-POLL_S = 0.05  # how often a waiting request looks whether its client is still there
-
-
-class Admission:
-    """At most `concurrency` requests compute at once and `queue_size` more wait; beyond that
-    a request is refused at once rather than queued without bound."""
-
-    def __init__(self, concurrency: int, queue_size: int, metrics: ServerMetrics):
-        if concurrency < 1 or queue_size < 0:
-            raise ValueError("concurrency must be >= 1 and queue_size >= 0")
-        self.capacity = concurrency + queue_size
-        self._slots = threading.BoundedSemaphore(concurrency)
-        self._guard = threading.Lock()
-        self._admitted = self._running = 0
-        metrics.queue_depth.set_function(lambda: self._admitted - self._running)
-        metrics.running.set_function(lambda: self._running)
-
-    @contextmanager
-    def admit(self) -> Iterator[None]:
-        """A place in the queue, taken on arrival (raises QueueFull)."""
-        with self._guard:
-            if self._admitted >= self.capacity:
-                raise QueueFull(
-                    f"the server is busy: {self.capacity} requests are running or queued; retry with backoff"
-                )
-            self._admitted += 1
-        try:
-            yield
-        finally:
-            with self._guard:
-                self._admitted -= 1
-
-    @contextmanager
-    def compute(self, alive: Alive) -> Iterator[None]:
-        """Wait (in the queue) for a compute slot; inside `admit`."""
-        while not self._slots.acquire(timeout=POLL_S):
-            if not alive():
-                raise ClientGone()
-        with self._guard:
-            self._running += 1
-        try:
-            yield
-        finally:
-            with self._guard:
-                self._running -= 1
-            self._slots.release()
-
-
-class MemoryLocks:
-    """Per memory: any number of readers, or one writer. A waiting writer keeps new readers
-    out, so a stream of Generates cannot starve an Ingest."""
-
-    def __init__(self):
-        self._cond = threading.Condition()
-        self._readers: Counter[str] = Counter()
-        self._writing: set[str] = set()
-        self._writers_waiting: Counter[str] = Counter()
-
-    def _wait(self, ready: Callable[[], bool], alive: Alive) -> None:
-        while not ready():
-            if not alive():
-                raise ClientGone()
-            self._cond.wait(POLL_S)
-
-    @contextmanager
-    def read(self, memory: str, alive: Alive) -> Iterator[None]:
-        with self._cond:
-            self._wait(lambda: memory not in self._writing and not self._writers_waiting[memory], alive)
-            self._readers[memory] += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers[memory] -= 1
-                self._cond.notify_all()
-
-    @contextmanager
-    def write(self, memory: str, alive: Alive) -> Iterator[None]:
-        with self._cond:
-            self._writers_waiting[memory] += 1
-            try:
-                self._wait(lambda: memory not in self._writing and not self._readers[memory], alive)
-            finally:
-                self._writers_waiting[memory] -= 1
-            self._writing.add(memory)
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writing.discard(memory)
-                self._cond.notify_all()
-
-
 # -- the service ------------------------------------------------------------------------------------
-
-
-class TooLarge(Exception):
-    """Over a configured size limit (answered RESOURCE_EXHAUSTED)."""
-
-
-class AlreadyExists(Exception):
-    """IngestStart.create_only and the memory exists."""
 
 
 @dataclass
@@ -219,18 +106,6 @@ class Call:
         return self.context.is_active()
 
 
-# The status code each expected exception is answered with; anything else is INTERNAL.
-ERROR_CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
-    (MemoryNotFound, grpc.StatusCode.NOT_FOUND),
-    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
-    (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (TooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
-    (ClientGone, grpc.StatusCode.CANCELLED),
-    (IngestCancelled, grpc.StatusCode.CANCELLED),
-]
-
-
 class MemoryLMService(memlm_pb2_grpc.MemoryLMServicer):
     def __init__(self, config: ModelServerConfig):
         self.config = config
@@ -245,7 +120,7 @@ class MemoryLMService(memlm_pb2_grpc.MemoryLMServicer):
     def _engine(self) -> MemoryLM:
         engines = self.engines
         if not engines:
-            raise _NotReady()
+            raise NotReady("the model is still loading; retry shortly")
         return engines[next(self._next_engine) % len(engines)]  # round robin over replicas
 
     def _memory_sizes(self):
@@ -258,35 +133,31 @@ class MemoryLMService(memlm_pb2_grpc.MemoryLMServicer):
 
     @contextmanager
     def _call(self, method: str, context: grpc.ServicerContext) -> Iterator[Call]:
-        """Request id, status code of errors, metrics and one log line per request."""
+        """Request id, metrics and one log line per request. Errors go on to the error
+        interceptor; this only accounts for the status it will answer with."""
         given = dict(context.invocation_metadata()).get(REQUEST_ID)
         call = Call(method, given or uuid.uuid4().hex[:16], context, time.perf_counter())
         context.send_initial_metadata(((REQUEST_ID, call.request_id),))
         code, message = grpc.StatusCode.OK, None
         try:
             yield call
-        except _NotReady:
-            code, message = grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly"
         except GeneratorExit:  # gRPC dropped a streaming call (client gone): only account for it
-            code, message = _ended_code(context), "the call ended before its work did"
+            code, message = ended_code(context), "the call ended before its work did"
             raise
         except Exception as error:
-            code = next((c for kind, c in ERROR_CODES if isinstance(error, kind)), grpc.StatusCode.INTERNAL)
+            code, message = status_of(error, context)
             if code == grpc.StatusCode.INTERNAL:
+                # Logged here, where the request id is known, and told to the client with it.
                 log.exception("internal error", extra={"fields": {"request_id": call.request_id, "method": method}})
                 message = f"internal error (request id {call.request_id}); see the server log"
-            else:
-                message = str(error) or "the call ended before its work did"
-            if code == grpc.StatusCode.CANCELLED and not context.is_active():
-                code = _ended_code(context)
+                raise InternalError(message) from error
+            raise
         finally:
             seconds = time.perf_counter() - call.started
             self.metrics.requests.labels(method, code.name).inc()
             self.metrics.request_seconds.labels(method).observe(seconds)
             fields = {"request_id": call.request_id, "method": method, "code": code.name, "seconds": round(seconds, 4)}
             log.info("request", extra={"fields": {**fields, **call.fields, **({"error": message} if message else {})}})
-        if code != grpc.StatusCode.OK:
-            context.abort(code, message)
 
     # -- Ingest ------------------------------------------------------------------------------------
 
@@ -304,10 +175,13 @@ class MemoryLMService(memlm_pb2_grpc.MemoryLMServicer):
                     raise AlreadyExists(f"memory {start.memory!r} exists and create_only is set; delete it first")
                 with self.admission.compute(call.alive):
                     cancelled = lambda: not call.alive()  # noqa: E731
-                    if text is not None:
-                        stats = engine.ingest(text, start.memory, progress=False, cancelled=cancelled)
-                    else:
-                        stats = engine.ingest_tokens(tokens, start.memory, progress=False, cancelled=cancelled)
+                    try:
+                        if text is not None:
+                            stats = engine.ingest(text, start.memory, progress=False, cancelled=cancelled)
+                        else:
+                            stats = engine.ingest_tokens(tokens, start.memory, progress=False, cancelled=cancelled)
+                    except IngestCancelled as error:  # it asked `cancelled`: the client is gone
+                        raise ClientGone(str(error)) from error
             self.metrics.tokens.labels("ingested").inc(stats.tokens)
             call.fields.update(tokens=stats.tokens, segments=stats.segments, memory_tokens=stats.memory_tokens)
             return memlm_pb2.IngestReply(
@@ -322,46 +196,22 @@ class MemoryLMService(memlm_pb2_grpc.MemoryLMServicer):
         self, requests, engine: MemoryLM, alive: Alive
     ) -> tuple[memlm_pb2.IngestStart, str | None, list[int] | None]:
         """The whole stream, checked: (start, text or None, token ids or None)."""
-        start, texts, tokens, size, ended = None, [], [], 0, False
-        try:
-            for request in requests:
-                if ended:
-                    raise ValueError("a message after the end message; end must be the last one")
-                size += request.ByteSize()
-                if size > self.config.max_ingest_bytes:
-                    raise TooLarge(
-                        f"ingest stream over {self.config.max_ingest_bytes} bytes; "
-                        "split the document into several ingests"
+        start, texts, tokens = None, [], []
+        for kind, request in INGEST_STREAM.read(requests, self.config.max_ingest_bytes, alive):
+            if start is None:  # the first message, a `start`
+                start = request.start
+                check_memory_name(start.memory)
+                if start.backend and start.backend != engine.config.backend:
+                    raise ValueError(
+                        f"this server runs the {engine.config.backend!r} backend, not {start.backend!r}; "
+                        "leave backend empty or ask a server started with --backend " + start.backend
                     )
-                kind = request.WhichOneof("kind")
-                if start is None:
-                    if kind != "start":
-                        raise ValueError(
-                            f"the first message of an Ingest stream must be `start`, got {kind or 'nothing'}"
-                        )
-                    start = request.start
-                    check_memory_name(start.memory)
-                    if start.backend and start.backend != engine.config.backend:
-                        raise ValueError(
-                            f"this server runs the {engine.config.backend!r} backend, not {start.backend!r}; "
-                            "leave backend empty or ask a server started with --backend " + start.backend
-                        )
-                elif kind == "text":
-                    texts.append(request.text)
-                elif kind == "tokens":
-                    tokens.extend(request.tokens.ids)
-                elif kind == "end":
-                    ended = True
-                else:
-                    raise ValueError(f"unexpected {kind or 'empty'} message after `start`")
-        except grpc.RpcError as error:  # the client went away mid-stream
-            raise ClientGone() from error
-        if start is None:
-            raise ValueError("empty Ingest stream: send a `start` message first")
-        if not ended:
-            if not alive():  # gRPC ends the iteration quietly when the deadline passes
-                raise ClientGone()
-            raise ValueError("the Ingest stream ended without an `end` message; nothing was ingested")
+            elif kind == "text":
+                texts.append(request.text)
+            elif kind == "tokens":
+                tokens.extend(request.tokens.ids)
+            else:
+                raise ValueError(f"unexpected {kind or 'empty'} message after `start`")
         if texts and tokens:
             raise ValueError("an Ingest stream sends text or token ids, not both")
         if tokens:
@@ -383,12 +233,11 @@ class MemoryLMService(memlm_pb2_grpc.MemoryLMServicer):
     def _stream(
         self, engine: MemoryLM, options: dict, memory: str | None, call: Call
     ) -> Iterator[memlm_pb2.GenerateReply]:
-        result = GenerationResult("", [], "", 0, {})  # filled in when the generator finishes
         started = time.perf_counter()
         sent, last = 0, None
-        pieces = engine.stream(memory=memory, result=result, **options)
+        generation = engine.stream(memory=memory, **options)
         try:
-            for piece in pieces:
+            for piece in generation:
                 if not call.alive():  # cancelled or past its deadline: compute no further token
                     raise ClientGone()
                 if sent == 0:
@@ -400,7 +249,8 @@ class MemoryLMService(memlm_pb2_grpc.MemoryLMServicer):
                     continue
                 yield memlm_pb2.GenerateReply(text=piece.text, token_ids=[piece.token_id])
         finally:
-            pieces.close()  # stop the model now, not when the generator is collected
+            generation.close()  # stop the model now, not when the generator is collected
+        result = generation.result  # complete: the loop ran to the end
         seconds = time.perf_counter() - started
         self.metrics.tokens.labels("prompt").inc(result.prompt_tokens)
         self.metrics.decode_speed.observe(sent / max(seconds, 1e-9))
@@ -468,19 +318,9 @@ class MemoryLMService(memlm_pb2_grpc.MemoryLMServicer):
             return memlm_pb2.DeleteMemoryReply()
 
 
-class _NotReady(Exception):
-    pass
-
-
 @contextmanager
 def _nothing() -> Iterator[None]:
     yield
-
-
-def _ended_code(context: grpc.ServicerContext) -> grpc.StatusCode:
-    """Why a call is no longer active: its deadline passed, or the client cancelled."""
-    remaining = context.time_remaining()
-    return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
 
 
 def render_messages(tokenizer, messages) -> str:
@@ -526,6 +366,7 @@ class ModelServer:
 def load_engines(config: ModelServerConfig) -> list[MemoryLM]:
     """The model(s) the config asks for: one in process, or Ray pipeline replicas."""
     if config.ray:
+        require_extra("ray", "`memlm serve --ray`")
         from memlm.serve.ray_pipeline import PipelineConfig, load_pipelines  # ray is imported only when used
 
         return load_pipelines(PipelineConfig.from_server_config(config))
@@ -598,42 +439,3 @@ def run(config: ModelServerConfig) -> None:
     log.info("stopping: finishing calls in flight", extra={"fields": {"grace_s": config.grace_s}})
     server.stop()
     log.info("stopped")
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="memlm serve", description="Serve the MemoryLM gRPC service.")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
-    parser.add_argument("--model", help="checkpoint directory (default: the embedded model)")
-    parser.add_argument("--backend", default="fot")
-    parser.add_argument("--store", help="store URL, e.g. grpc://store:50052 (default: MEMLM_STORE or FAISS files)")
-    parser.add_argument("--token", help="bearer token clients must send (default: env MEMLM_TOKEN)")
-    parser.add_argument("--tls-cert")
-    parser.add_argument("--tls-key")
-    parser.add_argument("--host", default="[::]")
-    parser.add_argument("--metrics-port", type=int)
-    parser.add_argument("--ray", action="store_true")
-    parser.add_argument("--shards", type=int, default=1)
-    parser.add_argument("--replicas", type=int, default=1)
-    parser.add_argument("--ray-address")
-    args = parser.parse_args(argv)
-    run(
-        ModelServerConfig(
-            port=args.port,
-            model=args.model,
-            backend=args.backend,
-            store=args.store,
-            token=args.token,
-            tls_cert=args.tls_cert,
-            tls_key=args.tls_key,
-            host=args.host,
-            metrics_port=args.metrics_port,
-            ray=args.ray,
-            shards=args.shards,
-            replicas=args.replicas,
-            ray_address=args.ray_address,
-        )
-    )
-
-
-if __name__ == "__main__":
-    sys.exit(main())

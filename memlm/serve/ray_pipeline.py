@@ -14,7 +14,7 @@ over gRPC (`RemoteStore`). The per-shard memories live in the store as
 `<memory>.layers-<a>-<b>`, each with its own state, so shards never write the same thing.
 
 On the driver, `PipelineLM` is a `MemoryLM` whose model is an empty skeleton (meta device)
-and whose `_forward` sends a segment through the actors, one hop per shard; hidden states
+and whose sessions (`PipelineSession`) send a segment through the actors, one hop per shard; hidden states
 go from actor to actor without passing through the driver. Everything else, tokenizing,
 segmenting, sampling, stop strings, locks and validation, is `MemoryLM`'s own code, so the
 pipeline gives the same tokens as one process. `PipelineStore` stands in for the driver's
@@ -29,7 +29,6 @@ of a large model).
 from __future__ import annotations
 
 import copy
-import json
 import os
 import threading
 import uuid
@@ -44,6 +43,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 
 from memlm.config import MemoryConfig
 from memlm.engine import DTYPES, MemoryLM
+from memlm.memory.base import Logits, Retrieval, logits_of
 from memlm.model.loading import embedded_model_dir, load_model
 from memlm.store import MemoryNotFound, MemoryStats, check_memory_name, open_store
 
@@ -160,41 +160,25 @@ class ShardWorker:
         """Open a session over this shard's part of `memory`; returns where the prompt starts
         (the window end) for reads."""
         name = shard_memory(memory, self.spec.block) if memory is not None else None
-        session = self.lm._open_session(name, writes)
+        session = self.lm.open_session(name, writes)
         self.sessions[session_id] = (name, session)
-        if writes:
-            return 0
-        session.positions_for(0)
-        return session.window_end
+        return 0 if writes else session.window_end
 
     @torch.inference_mode()
     def forward(self, session_id: str, hidden: torch.Tensor | None, token_ids: list[int], logits: str):
         """Run the block over one segment: token ids into the first shard, the previous shard's
         hidden states into the others. Returns hidden states, or from the last shard the logits
-        ("none", "last" or "all", as `MemoryLM._forward`)."""
+        (as `Session.forward`)."""
         _, session = self.sessions[session_id]
-        positions = session.positions_for(len(token_ids)).unsqueeze(0).to(self.device)
-        inputs = (
-            dict(input_ids=torch.tensor([token_ids], device=self.device))
-            if self.first
-            else dict(inputs_embeds=hidden.to(self.device, self.lm.model.dtype))
-        )
-        out = self.lm.model.model(**inputs, position_ids=positions, memory_session=session).last_hidden_state
-        session.advance(token_ids)
+        out = session.run(token_ids, inputs_embeds=None if self.first else hidden)
         if not self.last:
             return out.cpu()
-        if logits == "none":
-            return None
-        keep = out[:, -1:] if logits == "last" else out
-        return self.lm.model.lm_head(keep)[0].float().cpu()
+        result = logits_of(self.lm.model, out, logits)
+        return None if result is None else result.cpu()
 
     def commit(self, session_id: str) -> None:
         name, session = self.sessions.pop(session_id)
-        state = session.state()
-        # As MemoryLM.ingest_tokens does: the settings a stored memory depends on travel with it.
-        state["storage_key"] = np.frombuffer(json.dumps(self.lm.config.storage_key()).encode(), dtype=np.uint8)
-        self.lm.store.save_state(name, state)
-        self.lm.store.commit(name)
+        self.lm.commit(name, session)
 
     def rollback(self, session_id: str) -> None:
         name, _ = self.sessions.pop(session_id, (None, None))
@@ -209,16 +193,29 @@ class ShardWorker:
 
 
 class PipelineSession:
-    """The driver's handle of one session, open on every shard (what `MemoryLM` asks of a
-    session; the windows themselves live in the actors)."""
+    """The driver's handle of one session, open on every shard (the `Session` contract of
+    memlm/memory/base.py; the windows themselves live in the actors)."""
+
+    # The shards read their memory layers themselves (the bag read: the pipeline sets read="bag").
+    has_memory = False
 
     def __init__(self, pipeline: PipelineLM, session_id: str, writes: bool, window_end: int):
         self.pipeline, self.session_id, self.writes = pipeline, session_id, writes
         self.window_end = window_end
-        self.retrieved: dict = {}
+        self.retrieved: dict[int, Retrieval] = {}
 
-    def positions_for(self, num_new: int) -> torch.Tensor:
-        return torch.arange(self.window_end, self.window_end + num_new)
+    def forward(self, token_ids: list[int], logits: Logits) -> torch.Tensor | None:
+        """Token ids into the first shard; each shard's hidden states go on to the next as an
+        object reference, without passing through the driver; the last one's logits come back."""
+        actors, hidden = self.pipeline.actors, None
+        for actor in actors[:-1]:
+            hidden = actor.forward.remote(self.session_id, hidden, token_ids, "none")
+        result = ray.get(actors[-1].forward.remote(self.session_id, hidden, token_ids, logits))
+        self.window_end += len(token_ids)
+        return result
+
+    def in_view(self) -> list[tuple[int, int]]:
+        return []  # held by the shards
 
     def state(self) -> dict[str, np.ndarray]:
         return {}  # each shard saves its own at commit
@@ -303,7 +300,7 @@ class PipelineLM(MemoryLM):
         super().__init__(skeleton, tokenizer, store, config)
         self.actors, self._shared = store.actors, shared
 
-    def _open_session(self, memory: str | None, writes: bool) -> PipelineSession:
+    def open_session(self, memory: str | None, writes: bool) -> PipelineSession:
         if memory is not None and not writes and not self.store.exists(memory):
             raise MemoryNotFound(memory, self.store.memories())
         session_id = uuid.uuid4().hex
@@ -311,14 +308,6 @@ class PipelineLM(MemoryLM):
         if writes:
             self.store.writing[memory] = session_id
         return PipelineSession(self, session_id, writes, window_ends[0])
-
-    def _forward(self, session: PipelineSession, token_ids: list[int], logits: str) -> torch.Tensor | None:
-        hidden = None
-        for actor in self.actors[:-1]:
-            hidden = actor.forward.remote(session.session_id, hidden, token_ids, "none")  # an ObjectRef, passed on
-        result = ray.get(self.actors[-1].forward.remote(session.session_id, hidden, token_ids, logits))
-        session.window_end += len(token_ids)
-        return result
 
     def close(self) -> None:
         for actor in self.actors:

@@ -3,12 +3,12 @@ FAISS or LanceDB store.
 
     memlm store-serve --port 50052 --data /var/lib/memlm          # FAISS files under the folder
     memlm store-serve --port 50052 --data lance:///var/lib/memlm  # LanceDB
-    python -m memlm.serve.store_server --port 50052 --data DIR       # the same without the CLI
 
 From Python: `server = serve(port=0, data="lance:///tmp/m")` returns the started
 `grpc.Server` once the store has loaded, with the bound port as `server.port`;
-`server.stop(grace)` stops it. `run(...)` blocks until SIGTERM/SIGINT, then finishes the
-calls in flight (appends included) before it exits.
+`server.stop(grace)` stops it. `run(config)` blocks until SIGTERM/SIGINT, then finishes the
+calls in flight (appends included) before it exits. Handlers raise; memlm/serve/errors.py
+answers each exception with its status code.
 
 Transactions: an `Append` stream is read and checked up to its commit message before
 anything touches the store (a stream that breaks, is cancelled or fails a check changes
@@ -21,17 +21,17 @@ whose id is among them is acknowledged without being applied again.
 
 from __future__ import annotations
 
-import argparse
-import functools
-import sys
 import threading
 from collections import defaultdict
-from dataclasses import dataclass, fields
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
 
 import grpc
 import numpy as np
 
 from memlm.protos import from_tensor, store_pb2, store_pb2_grpc
+from memlm.serve.errors import NotReady, TooLarge
+from memlm.serve.serving import RunningServer, ServerOptions, Service, StreamShape, start_server, wait_for_signal
 from memlm.store import MemoryNotFound, VectorStore, check_memory_name, open_store
 from memlm.store.settings import StoreSettings, memlm_home
 from memlm.store.wire import (
@@ -45,12 +45,12 @@ from memlm.store.wire import (
     state_to_proto,
     stats_to_proto,
 )
-from memlm.serve.serving import RunningServer, ServerOptions, Service, start_server, wait_for_signal
 
 SERVICE_NAME = "memlm.v1.MemoryStore"
 DEFAULT_PORT = 50052
 APPEND_IDS = "__memlm_append_ids__"  # reserved state key: (n, 16) uint8 ids of committed appends
 KEEP_APPEND_IDS = 64
+APPEND_STREAM = StreamShape("Append", first="header", last="commit", advice="commit more often or split it")
 
 
 @dataclass
@@ -77,25 +77,6 @@ def open_backing_store(data: str | None) -> VectorStore:
     return open_store(data if "://" in data or data == "memory" else f"faiss://{data}")
 
 
-def _answer_errors(method):
-    """Map the store's exceptions to status codes; messages say what to fix."""
-
-    @functools.wraps(method)
-    def wrapper(self, request, context):
-        try:
-            return method(self, request, context)
-        except MemoryNotFound as error:
-            context.abort(grpc.StatusCode.NOT_FOUND, str(error))
-        except ValueError as error:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-
-    return wrapper
-
-
-class TooLarge(Exception):
-    """Over a configured size limit (answered RESOURCE_EXHAUSTED)."""
-
-
 @dataclass
 class Append:
     """An Append stream, read and checked, not yet applied."""
@@ -115,20 +96,16 @@ class MemoryStoreService(store_pb2_grpc.MemoryStoreServicer):
         with self._locks_guard:
             return self._locks[memory]
 
-    def _ready(self, context) -> VectorStore:
+    def _ready(self) -> VectorStore:
         if self.store is None:
-            context.abort(grpc.StatusCode.UNAVAILABLE, "the store is still loading; retry shortly")
+            raise NotReady("the store is still loading; retry shortly")
         return self.store
 
     # -- Append -----------------------------------------------------------------------------
 
-    @_answer_errors
     def Append(self, request_iterator, context):
-        store = self._ready(context)
-        try:
-            append = self._read_append(request_iterator)
-        except TooLarge as error:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+        store = self._ready()
+        append = self._read_append(request_iterator, context.is_active)
         memory, transaction_id = append.header.memory, append.header.transaction_id
         with self._lock(memory):
             try:
@@ -165,21 +142,11 @@ class MemoryStoreService(store_pb2_grpc.MemoryStoreServicer):
                 memory=memory, blocks_added=added, blocks_evicted=evicted, stats=stats_to_proto(store.stats(memory))
             )
 
-    def _read_append(self, requests) -> Append:
-        """Read the whole stream and check every message. Raises ValueError or TooLarge."""
-        header, layouts, operations, size, committed = None, {}, [], 0, False
-        for request in requests:
-            if committed:
-                raise ValueError("a message after the commit message; commit must be the last one")
-            size += request.ByteSize()
-            if size > self.config.max_append_bytes:
-                raise TooLarge(
-                    f"append stream over {self.config.max_append_bytes} bytes; commit more often or split it"
-                )
-            kind = request.WhichOneof("kind")
-            if header is None:
-                if kind != "header":
-                    raise ValueError(f"the first message of an Append stream must be a header, got {kind}")
+    def _read_append(self, requests, alive: Callable[[], bool]) -> Append:
+        """Read the whole stream and check every message. Raises ValueError, TooLarge or ClientGone."""
+        header, layouts, operations = None, {}, []
+        for kind, request in APPEND_STREAM.read(requests, self.config.max_append_bytes, alive):
+            if header is None:  # the first message, a `header`
                 header = request.header
                 check_memory_name(header.memory)
                 if len(header.transaction_id) not in (0, 16):
@@ -198,8 +165,6 @@ class MemoryStoreService(store_pb2_grpc.MemoryStoreServicer):
                 if request.evict.keep_blocks < 0:
                     raise ValueError(f"evict keep_blocks must be >= 0, got {request.evict.keep_blocks}")
                 operations.append(request.evict)
-            elif kind == "commit":
-                committed = True
             elif kind == "state":
                 state = state_from_proto(request.state)
                 if APPEND_IDS in state:
@@ -207,19 +172,14 @@ class MemoryStoreService(store_pb2_grpc.MemoryStoreServicer):
                 operations.append(state)
             else:
                 raise ValueError(f"unexpected {kind or 'empty'} message after the header")
-        if header is None:
-            raise ValueError("empty Append stream: send a header first")
-        if not committed:
-            raise ValueError("the Append stream ended without a commit message; nothing was applied")
         if not operations:
             raise ValueError(f"nothing to append to {header.memory!r}: the stream holds only a header")
         return Append(header, operations)
 
     # -- reads and the rest -------------------------------------------------------------------
 
-    @_answer_errors
     def Search(self, request, context):
-        store = self._ready(context)
+        store = self._ready()
         check_memory_name(request.memory)
         if not 1 <= request.top_k <= self.config.max_top_k:
             raise ValueError(f"top_k must be between 1 and {self.config.max_top_k}, got {request.top_k}")
@@ -231,36 +191,32 @@ class MemoryStoreService(store_pb2_grpc.MemoryStoreServicer):
                 result = store.search(request.memory, request.layer, queries, request.top_k, request.skip_oldest)
             else:
                 result = store.search(request.memory, request.layer, queries, request.top_k)
-        self._check_reply_size(context, (result.keys, result.values, result.positions, result.scores),
+        self._check_reply_size((result.keys, result.values, result.positions, result.scores),
                                "send fewer queries per call or ask for a smaller top_k")  # fmt: skip
         return result_to_proto(result)
 
-    def _check_reply_size(self, context, arrays: tuple[np.ndarray, ...], advice: str) -> None:
+    def _check_reply_size(self, arrays: tuple[np.ndarray, ...], advice: str) -> None:
         size = sum(array.nbytes for array in arrays)
         if size > self.config.max_message_bytes - (1 << 16):
-            context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"the reply would be {size} bytes, over the {self.config.max_message_bytes}-byte message limit; {advice}",
-            )
+            limit = self.config.max_message_bytes
+            raise TooLarge(f"the reply would be {size} bytes, over the {limit}-byte message limit; {advice}")
 
-    @_answer_errors
     def ReadBlocks(self, request, context):
-        store = self._ready(context)
+        store = self._ready()
         check_memory_name(request.memory)
         if request.skip_oldest < 0:
             raise ValueError(f"skip_oldest must be >= 0, got {request.skip_oldest}")
         starts = from_tensor(request.starts, "starts", ("int64",), ndim=1)
         with self._lock(request.memory):
             found = store.blocks_at(request.memory, request.layer, starts, request.skip_oldest)
-        self._check_reply_size(context, (found.search_keys, found.keys, found.values, found.positions),
+        self._check_reply_size((found.search_keys, found.keys, found.values, found.positions),
                                "ask for fewer blocks per call")  # fmt: skip
         reply = store_pb2.BlockBatch()
         blocks_to_proto(request.layer, found, reply)
         return reply
 
-    @_answer_errors
     def LoadState(self, request, context):
-        store = self._ready(context)
+        store = self._ready()
         check_memory_name(request.memory)
         state = store.load_state(request.memory)
         state.pop(APPEND_IDS, None)
@@ -268,23 +224,20 @@ class MemoryStoreService(store_pb2_grpc.MemoryStoreServicer):
         state_to_proto(state, reply.state)
         return reply
 
-    @_answer_errors
     def Drop(self, request, context):
-        store = self._ready(context)
+        store = self._ready()
         check_memory_name(request.memory)
         with self._lock(request.memory):
             store.delete(request.memory)
         return store_pb2.DropReply()
 
-    @_answer_errors
     def Stats(self, request, context):
-        store = self._ready(context)
+        store = self._ready()
         check_memory_name(request.memory)
         return stats_to_proto(store.stats(request.memory))
 
-    @_answer_errors
     def ListMemories(self, request, context):
-        return store_pb2.ListMemoriesReply(memories=self._ready(context).memories())
+        return store_pb2.ListMemoriesReply(memories=self._ready().memories())
 
 
 # -- starting and stopping ---------------------------------------------------------------------
@@ -322,23 +275,17 @@ def serve(
     return server
 
 
-def run(
-    port: int = DEFAULT_PORT,
-    data: str | None = None,
-    token: str | None = None,
-    tls_cert: str | None = None,
-    tls_key: str | None = None,
-    **options,
-) -> None:
+def run(config: StoreServerConfig) -> None:
     """Serve until SIGTERM/SIGINT, then finish the calls in flight. A token not given comes
     from MEMLM_TOKEN or the config file (memlm/store/settings.py)."""
-    token = StoreSettings.resolve(token=token).token
-    server = serve(port, data, token, tls_cert, tls_key, **options)
+    config.token = StoreSettings.resolve(token=config.token).token
+    server = serve(**asdict(config))
     running: RunningServer = server.running
-    where = data or str(memlm_home() / "memories")
+    where = config.data or str(memlm_home() / "memories")
+    # The first line on stdout, once the store is loaded: what a parent process waits for.
     print(
-        f"memlm store-serve: listening on port {running.port} ({'TLS' if tls_cert else 'plaintext'}, "
-        f"auth {'on' if token else 'off'}), data {where}",
+        f"memlm store-serve: listening on port {running.port} ({'TLS' if config.tls_cert else 'plaintext'}, "
+        f"auth {'on' if config.token else 'off'}), data {where}",
         flush=True,
     )
     wait_for_signal()
@@ -347,19 +294,3 @@ def run(
     close = getattr(server.service.store, "close", None)
     if close is not None:
         close()
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="memlm store-serve", description="Serve the MemoryStore gRPC service.")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
-    parser.add_argument("--data", help="folder for FAISS files, or lance:///dir (default $MEMLM_HOME/memories)")
-    parser.add_argument("--token", help="bearer token clients must send (default: env MEMLM_TOKEN)")
-    parser.add_argument("--tls-cert")
-    parser.add_argument("--tls-key")
-    parser.add_argument("--host", default="[::]")
-    args = parser.parse_args(argv)
-    run(args.port, args.data, args.token, args.tls_cert, args.tls_key, host=args.host)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+from memlm.extras import require_extra
 from memlm.store.base import Blocks, MemoryNotFound, MemoryStats, SearchResult, VectorStore, check_memory_name
 from memlm.store.faiss_store import FaissStore
 from memlm.store.settings import StoreSettings, memlm_home
@@ -42,6 +43,7 @@ def open_store(url: str | VectorStore | None = None) -> VectorStore:
     if url.startswith("faiss://"):
         return FaissStore(url.removeprefix("faiss://"))
     if url.startswith("lance://"):
+        require_extra("lance", f"store {url!r}")
         from memlm.store.lance_store import LanceStore  # lancedb is imported only when used
 
         return LanceStore(url.removeprefix("lance://"))

@@ -13,7 +13,10 @@ from memlm.train.loop import TrainConfig
 
 train_app = typer.Typer(no_args_is_help=True, help="Train memory layers; writes a small adapter file.")
 
+OutOpt = Annotated[Path, typer.Option(help="Adapter file to write.")]
 StepsOpt = Annotated[int, typer.Option(help="Optimizer steps.")]
+LrOpt = Annotated[float, typer.Option(help="Learning rate.")]
+AccumulationOpt = Annotated[int, typer.Option(help="Examples per step.")]
 SeedOpt = Annotated[int, typer.Option(help="Seed of data and initialisation.")]
 CheckpointOpt = Annotated[Optional[str], typer.Option(help="Training-state file: resumed from when it exists.")]
 ModelOpt = Annotated[Optional[str], typer.Option(help="Local checkpoint directory (default: embedded model).")]
@@ -60,11 +63,11 @@ def _fit(lm, params: dict, loss_fn, kind: str, out: Path, config: TrainConfig) -
 
 @train_app.command("gate")
 def gate(
-    out: Annotated[Path, typer.Option(help="Adapter file to write.")] = Path("adapters/knn-gates.safetensors"),
+    out: OutOpt = Path("adapters/knn-gates.safetensors"),
     steps: StepsOpt = 40,
     length: Annotated[int, typer.Option(help="Tokens per generated training document.")] = 3000,
-    lr: Annotated[float, typer.Option(help="Learning rate.")] = 0.05,
-    accumulation: Annotated[int, typer.Option(help="Examples per step.")] = 2,
+    lr: LrOpt = 0.05,
+    accumulation: AccumulationOpt = 2,
     seed: SeedOpt = 0,
     checkpoint: CheckpointOpt = None,
     model: ModelOpt = None,
@@ -83,15 +86,15 @@ def gate(
 
 @train_app.command("fot")
 def fot(
-    out: Annotated[Path, typer.Option(help="Adapter file to write.")] = Path("adapters/fot-lora.safetensors"),
+    out: OutOpt = Path("adapters/fot-lora.safetensors"),
     data: Annotated[Optional[Path], typer.Option(help="Directory of .txt/.md files (default: generated handbooks).")] = None,
     steps: StepsOpt = 100,
     context_len: Annotated[int, typer.Option(help="Tokens of previous context that go to memory.")] = 2048,
     target_len: Annotated[int, typer.Option(help="Tokens predicted after the context.")] = 512,
     max_docs: Annotated[int, typer.Option(help="Documents per crossbatch at the end of the schedule (d).")] = 4,
     rank: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
-    lr: Annotated[float, typer.Option(help="Learning rate.")] = 2e-4,
-    accumulation: Annotated[int, typer.Option(help="Examples per step.")] = 1,
+    lr: LrOpt = 2e-4,
+    accumulation: AccumulationOpt = 1,
     seed: SeedOpt = 0,
     checkpoint: CheckpointOpt = None,
     model: ModelOpt = None,
@@ -121,15 +124,15 @@ def fot(
 
 @train_app.command("rmt")
 def rmt(
-    out: Annotated[Path, typer.Option(help="Adapter file to write.")] = Path("adapters/rmt.safetensors"),
+    out: OutOpt = Path("adapters/rmt.safetensors"),
     steps: StepsOpt = 300,
     segment_len: Annotated[int, typer.Option(help="Tokens per segment (use the same when reading).")] = 1024,
     num_mem_tokens: Annotated[int, typer.Option(help="Tokens of notes carried between segments.")] = 64,
     max_segments: Annotated[int, typer.Option(help="Document segments at the end of the curriculum.")] = 3,
     bptt: Annotated[int, typer.Option(help="Segments that gradients flow back through (truncated BPTT).")] = 3,
     rank: Annotated[int, typer.Option(help="LoRA rank on every layer's attention (0: memory tokens only).")] = 8,
-    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
-    accumulation: Annotated[int, typer.Option(help="Examples per step.")] = 1,
+    lr: LrOpt = 1e-3,
+    accumulation: AccumulationOpt = 1,
     seed: SeedOpt = 0,
     checkpoint: CheckpointOpt = None,
     model: ModelOpt = None,

@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from memlm.engine import MemoryLM
-from memlm.memory.recurrent import RecurrentSession
+from memlm.memory.base import Session
 from memlm.memory.session import MemorySession
 from memlm.store.base import SearchResult, VectorStore
+from memlm.store.buffered import merge_results
 from memlm.tasks import Task, babilong, passkey
 from memlm.train.data import TRAIN_SEED_BASE
 
@@ -42,36 +43,40 @@ class UnionStore:
         self.store, self.memories = store, memories
 
     def search(self, memory: str, layer: int, queries: np.ndarray, top_k: int) -> SearchResult:
-        parts = [self.store.search(name, layer, queries, top_k) for name in self.memories]
-        parts = [p for p in parts if p.k > 0]
-        if not parts:
-            return self.store.search(self.memories[0], layer, queries, top_k)
-        scores = np.concatenate([p.scores for p in parts], axis=2)  # (H, Q, sum k)
-        best = np.argsort(-scores, axis=2, kind="stable")[:, :, :top_k]
-        pick = lambda name: np.take_along_axis(  # noqa: E731
-            np.concatenate([getattr(p, name) for p in parts], axis=2),
-            best.reshape(*best.shape, *([1] * (getattr(parts[0], name).ndim - 3))),
-            axis=2,
-        )
-        return SearchResult(keys=pick("keys"), values=pick("values"), positions=pick("positions"), scores=pick("scores"))
-
-
-def forward_with_grad(lm: MemoryLM, session: MemorySession, token_ids: list[int]) -> torch.Tensor:
-    """Logits (T, vocab) of tokens run through a session with autograd on."""
-    device = lm.model.device
-    positions = session.positions_for(len(token_ids)).unsqueeze(0).to(device)
-    out = lm.model(input_ids=torch.tensor([token_ids], device=device), position_ids=positions, memory_session=session)
-    session.advance(token_ids)
-    return out.logits[0].float()
+        found = None
+        for name in self.memories:  # ties go to the earlier memory: the document's own first
+            found = merge_results(found, self.store.search(name, layer, queries, top_k), top_k)
+        return found
 
 
 def reading_session(lm: MemoryLM, memory: str, read_from: list[str] | None = None) -> MemorySession:
     """A read-only session over `memory`'s window that retrieves everything from `read_from`."""
-    session = lm._open_session(memory, writes=False)
-    session.config = replace(session.config, top_k=RETRIEVE_ALL)
-    if read_from is not None:
-        session.store = UnionStore(lm.store, read_from)
-    return session
+    return MemorySession(
+        lm.model,
+        lm.shape,
+        replace(lm.config, top_k=RETRIEVE_ALL),
+        lm.backend,
+        lm.store if read_from is None else UnionStore(lm.store, read_from),
+        memory,
+        writes=False,
+        state=lm.store.load_state(memory),
+    )
+
+
+def example_seeds(seed: int, index: int) -> tuple[random.Random, int]:
+    """Training example `index` of a run seeded `seed`: a random source for its choices
+    (depths, kinds) and the seed of its generated task, far from every benchmark's."""
+    return random.Random(seed * 7919 + index), TRAIN_SEED_BASE + seed * 100_003 + index
+
+
+def answer_loss(lm: MemoryLM, session: Session, task: Task) -> tuple[torch.Tensor, int]:
+    """Cross-entropy of the task's answer after its raw prompt, read through `session` with
+    autograd on; and the tokens run."""
+    prompt = lm.prompt_ids(task.prompt, chat=False)
+    answer = lm.tokenizer(" " + task.answer, add_special_tokens=False)["input_ids"]
+    logits = session.forward(prompt + answer, logits="all")
+    loss = F.cross_entropy(logits[len(prompt) - 1 : -1], torch.tensor(answer, device=logits.device))
+    return loss, len(prompt) + len(answer)
 
 
 def gate_loss(lm: MemoryLM, length: int, needs_memory: bool, seed: int) -> Callable[[int], tuple[torch.Tensor, int]]:
@@ -79,19 +84,14 @@ def gate_loss(lm: MemoryLM, length: int, needs_memory: bool, seed: int) -> Calla
     it), otherwise at its very end (in the local window, memory holds filler only)."""
 
     def loss(index: int) -> tuple[torch.Tensor, int]:
-        rng = random.Random(seed * 7919 + index)
+        rng, task_seed = example_seeds(seed, index)
         depth = rng.uniform(0.05, 0.5) if needs_memory else 1.0
-        task = passkey(length, depth=depth, seed=TRAIN_SEED_BASE + seed * 100_003 + index)
+        task = passkey(length, depth=depth, seed=task_seed)
         lm.ingest(task.document, memory="train-gate", progress=False)
         try:
-            session = lm._open_session("train-gate", writes=False)
-            prompt = lm.prompt_ids(task.prompt, chat=False)
-            answer = lm.tokenizer(" " + task.answer, add_special_tokens=False)["input_ids"]
-            logits = forward_with_grad(lm, session, prompt + answer)
-            loss = F.cross_entropy(logits[len(prompt) - 1 : -1], torch.tensor(answer, device=logits.device))
+            return answer_loss(lm, lm.open_session("train-gate", writes=False), task)
         finally:
             lm.forget("train-gate")
-        return loss, len(prompt) + len(answer)
 
     return loss
 
@@ -122,7 +122,7 @@ def crossbatch_loss(
             for j, doc in enumerate(docs):
                 session = reading_session(lm, names[j], read_from=[names[j], *names[:j], *names[j + 1 :]])
                 target = doc[context_len:]
-                logits = forward_with_grad(lm, session, target)
+                logits = session.forward(target, logits="all")
                 total = total + F.cross_entropy(logits[:-1], torch.tensor(target[1:], device=logits.device))
                 tokens += len(target)
         finally:
@@ -145,8 +145,7 @@ def recurrent_task(index: int, num_tokens: int, seed: int) -> Task:
     """Training example `index`: a passkey or a BABILong question on a document of one to
     four facts' questions (as the benchmarks ask), in turn, facts anywhere in the document
     (seeds far from the benchmarks')."""
-    rng = random.Random(seed * 7919 + index)
-    task_seed = TRAIN_SEED_BASE + seed * 100_003 + index
+    rng, task_seed = example_seeds(seed, index)
     if index % 3 == 0:
         return passkey(num_tokens, depth=rng.uniform(0.0, 1.0), seed=task_seed)
     depths = [rng.uniform(0.0, 0.9) for _ in range(rng.randint(1, 4))]
@@ -182,7 +181,7 @@ def recurrent_loss(
         # 5% short of the segment budget: the generators' token counts are estimates.
         task = recurrent_task(index, int(segments * segment_len * 0.95), seed)
         document, notes = segment_notes(lm.tokenizer, task, segment_len)
-        writer: RecurrentSession = lm._new_session("train-rmt", writes=True, state=None)
+        writer = lm.open_session("train-rmt", writes=True)
         write_loss = torch.zeros((), device=lm.model.device)
         for number, start in enumerate(range(0, len(document), segment_len)):
             if number == len(notes) - bptt:
@@ -190,11 +189,8 @@ def recurrent_loss(
             target = notes[number] + [end]
             logits = writer.learn(document[start : start + segment_len], notes[number])
             write_loss = write_loss + F.cross_entropy(logits, torch.tensor(target, device=logits.device))
-        prompt = lm.prompt_ids(task.prompt, chat=False)
-        answer = lm.tokenizer(" " + task.answer, add_special_tokens=False)["input_ids"]
-        logits = writer.reader().forward(prompt + answer, logits="all")
-        answer_loss = F.cross_entropy(logits[len(prompt) - 1 : -1], torch.tensor(answer, device=logits.device))
-        return answer_loss + write_loss / len(notes), len(document) + len(prompt) + len(answer)
+        answer, asked = answer_loss(lm, writer.reader(), task)
+        return answer + write_loss / len(notes), len(document) + asked
 
     return loss
 
