@@ -37,12 +37,9 @@ from memlm.memory.base import Logits, Retrieval, Session
 from memlm.memory.session import MemorySession
 from memlm.model.adapter import load_adapter, shipped_adapter
 from memlm.model.install import install_memory_attention
-from memlm.model.loading import load_model
+from memlm.model.loading import load_model, resolve_dtype
 from memlm.store import MemoryNotFound, VectorStore, check_memory_name, open_store
 from memlm.store.base import Blocks, SearchResult
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 @dataclass
 class IngestStats:
@@ -106,7 +103,7 @@ class MemoryLM:
         backend: str = "fot",
         store: str | VectorStore | None = None,
         config: MemoryConfig | None = None,
-        dtype: str = "bfloat16",
+        dtype: str = "auto",
         device: str = "cpu",
         adapter: str | Path | None = None,
         default_adapter: bool = True,
@@ -119,10 +116,9 @@ class MemoryLM:
         runs it untrained). `heads`: a retrieval-head profile (`memlm calibrate heads`); with
         none given, the embedded model uses the shipped one and other models vote uniformly.
         Extra keyword arguments override `MemoryConfig` fields (top_k=16, segment_len=512, ...)."""
-        if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        weights = resolve_dtype(dtype, device)
         config = replace(config or MemoryConfig(), backend=backend, **settings)
-        hf_model, tokenizer = load_model(model, dtype=DTYPES[dtype], device=device)
+        hf_model, tokenizer = load_model(model, dtype=weights, device=device)
         lm = cls(hf_model, tokenizer, open_store(store), config)
         if adapter is None and model is None and default_adapter:
             adapter = shipped_adapter(config.backend)

@@ -66,7 +66,7 @@ class ModelServerConfig:
     model: str | None = None  # checkpoint directory; None: the embedded model
     backend: str = "fot"
     store: str | None = None  # store URL (memlm/store/__init__.py); None: the configured store
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # bfloat16 where the hardware computes it, else float32
     device: str = "cpu"
     settings: dict = field(default_factory=dict)  # MemoryConfig overrides: top_k, segment_len, ...
     token: str | None = None  # bearer token clients must send (None: no auth)

@@ -42,9 +42,9 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
 
 from memlm.config import MemoryConfig
-from memlm.engine import DTYPES, MemoryLM
+from memlm.engine import MemoryLM
 from memlm.memory.base import Logits, Retrieval, logits_of
-from memlm.model.loading import embedded_model_dir, load_model
+from memlm.model.loading import embedded_model_dir, load_model, resolve_dtype
 from memlm.store import MemoryNotFound, MemoryStats, check_memory_name, open_store
 
 SHARD_SUFFIX = ".layers-"
@@ -55,7 +55,7 @@ class PipelineConfig:
     model: str | None = None  # checkpoint directory; None: the embedded model
     backend: str = "fot"
     store: str | None = None  # grpc://... store service; anything else: one is started here over it
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # memlm/model/loading.py resolve_dtype, on each shard's own device
     settings: dict = field(default_factory=dict)  # MemoryConfig overrides
     shards: int = 2
     replicas: int = 1
@@ -133,7 +133,7 @@ class ShardSpec:
     store: str  # grpc://... of the store service
     model: str | None = None  # checkpoint to load and cut (None: the embedded model) ...
     weights: PreTrainedModel | None = None  # ... unless the shard itself is given (tests, small models)
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
 
 
 class ShardWorker:
@@ -147,7 +147,7 @@ class ShardWorker:
         if spec.weights is not None:
             shard = spec.weights
         else:
-            shard = shard_model(load_model(spec.model, dtype=DTYPES[spec.dtype])[0], spec.block)
+            shard = shard_model(load_model(spec.model, dtype=resolve_dtype(spec.dtype, self.device.type))[0], spec.block)
         shard = shard.to(self.device).eval()
         local = [layer - start for layer in spec.config.layer_indices(spec.num_layers) if start <= layer < stop]
         self.lm = MemoryLM(shard, None, open_store(spec.store), replace(spec.config, memory_layers=local))

@@ -23,27 +23,18 @@ ModelOpt = Annotated[Optional[str], typer.Option(help="Local checkpoint director
 DeviceOpt = Annotated[str, typer.Option(help="cpu or cuda.")]
 
 
-def _dtype(device: str) -> str:
-    """bf16 where the hardware has it (CUDA with bf16, CPUs with AVX-512 BF16), else fp32."""
-    import torch
-
-    if device.startswith("cuda"):
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    return "bfloat16" if "avx512_bf16" in Path("/proc/cpuinfo").read_text() else "float32"
-
-
 def _provenance(seed: int, result) -> dict:
     return {"command": shlex.join(["memlm", *sys.argv[1:]]), "seed": seed, "losses": result.losses,
             "tokens": result.tokens, "seconds": result.seconds}
 
 
 def _untrained(model: str | None, backend: str, device: str, **settings):
-    """The model to train: an in-RAM store, bf16 where the hardware has it, and no shipped
-    adapter (training starts from the untrained backend)."""
+    """The model to train: an in-RAM store, bf16 where the hardware computes it (dtype
+    "auto"), and no shipped adapter (training starts from the untrained backend)."""
     from memlm.engine import MemoryLM
 
     try:
-        return MemoryLM.load(model=model, backend=backend, store="memory", dtype=_dtype(device), device=device,
+        return MemoryLM.load(model=model, backend=backend, store="memory", dtype="auto", device=device,
                              default_adapter=False, **settings)  # fmt: skip
     except ValueError as error:  # a bad setting or model: say which, without a trace
         raise typer.BadParameter(str(error)) from None
