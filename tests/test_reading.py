@@ -88,12 +88,15 @@ def test_passages_follow_the_stores_block_grid_after_the_sinks() -> None:
 
 
 def test_lexical_scores_weigh_a_rare_word_over_common_ones() -> None:
-    # Blocks of 4 after 2 sink tokens: 5 is everywhere ("the"), 9 in one block (a name).
-    tokens = np.array([0, 0] + [5, 1, 1, 1] * 3 + [5, 9, 1, 1] + [5, 1, 1, 1] + [9, 9])
-    scores = lexical_scores(tokens, [5, 9, 9], block_len=4, grid=2, end=22)  # the window starts at 22
-    best = max(scores, key=scores.get)
-    assert best == 14 and set(scores) == {2, 6, 10, 14, 18}  # the last two 9s are in the window
-    assert scores[14] > 5 * scores[2] > 0
+    # Blocks of 4 after 2 sink tokens. 5 is everywhere ("the"); 7 8 ("door code") open the
+    # fact (block 10) and a look-alike sentence (block 2); 9, the name that tells them apart,
+    # falls in the fact's next block (14). A block counts its neighbours' words too, so both
+    # blocks of the straddling fact beat the look-alike, which alone has as many words as block 10.
+    tokens = np.array([0, 0] + [5, 7, 8, 1] + [5, 1, 1, 1] + [5, 1, 7, 8] + [9, 5, 1, 1] + [5, 1, 1, 1] + [9, 9])
+    scores = lexical_scores(tokens, [5, 7, 8, 9], block_len=4, grid=2, end=22)  # the window starts at 22
+    assert set(scores) == {2, 6, 10, 14, 18}  # the last two 9s are in the window: not counted
+    assert sorted(scores, key=lambda block: -scores[block])[:2] == [10, 14]
+    assert scores[10] == scores[14] > 1.5 * scores[2] > 0
 
 
 def test_fusion_prefers_blocks_both_rankings_place_high() -> None:
@@ -129,7 +132,8 @@ def test_a_reread_is_the_stock_model_over_the_passages_and_the_prompt() -> None:
     """The re-read lays the passages' tokens at consecutive positions before the local window:
     what the question then computes is a plain forward pass of the stock model over exactly
     that text (sinks, separator-joined passages, window, prompt)."""
-    lm = tiny_lm(segment_len=32, sink_len=4, local_len=32, block_len=4, read="reread", read_blocks=3, read_context=4)
+    lm = tiny_lm(segment_len=32, sink_len=4, local_len=32, block_len=4, read="reread", read_scoring="hybrid", read_blocks=3,
+                 read_context=4)
     document = random_ids(400, 1)
     lm.ingest_tokens(document, "doc", progress=False)
     prompt = lm.prompt_ids("what now", chat=False)
@@ -149,7 +153,8 @@ def test_a_reread_is_the_stock_model_over_the_passages_and_the_prompt() -> None:
 
 
 def test_stored_passages_sit_at_consecutive_positions_in_document_order() -> None:
-    lm = tiny_lm(segment_len=32, sink_len=4, local_len=32, block_len=4, read_blocks=3, read_context=4)
+    lm = tiny_lm(segment_len=32, sink_len=4, local_len=32, block_len=4, read="passages", read_scoring="hybrid",
+                 read_blocks=3, read_context=4)
     lm.ingest_tokens(random_ids(400, 3), "doc", progress=False)
     session = lm.open_session("doc", writes=False)
     prompt = lm.prompt_ids("what now", chat=False)
@@ -169,7 +174,7 @@ def test_a_passage_read_of_every_block_is_full_attention() -> None:
     the answer is then the stock model's over document + prompt (the ingest is exact too:
     every block retrieved at its own position)."""
     lm = tiny_lm(segment_len=16, sink_len=4, local_len=16, block_len=4, top_k=10_000, position_mode="exact",
-                 read_blocks=10_000)  # fmt: skip
+                 read="passages", read_blocks=10_000)  # fmt: skip
     document = random_ids(150, 5)
     lm.ingest_tokens(document, "doc", progress=False)
     result = lm.generate_full("hello there", memory="doc", chat=False, max_new_tokens=10)
@@ -183,7 +188,8 @@ def test_a_passage_read_of_every_block_is_full_attention() -> None:
 
 def test_only_voting_heads_choose_the_passages(monkeypatch) -> None:
     """With every vote given to one head of one layer, the passages are that head's choice."""
-    lm = tiny_lm(segment_len=32, sink_len=4, local_len=32, block_len=4, read_blocks=1, read_context=0, read_top_k=1)
+    lm = tiny_lm(segment_len=32, sink_len=4, local_len=32, block_len=4, read_blocks=1, read_context=0, read_top_k=1,
+                 read_scoring="attention")
     lm.ingest_tokens(random_ids(400, 2), "doc", progress=False)
     weights = np.zeros_like(lm.head_profile.weights)
     weights[1, 3] = 1.0

@@ -52,7 +52,7 @@ from memlm.store import FaissStore
 # "plain": the model alone, its input cut to its window; "<backend>-<variant>": fot or knn with
 # the passage read scored by the retrieval heads alone, the re-read, or the per-head read
 # (MemoryConfig.read_scoring, .read).
-CONFIGS: tuple[str, ...] = ("plain", *BACKENDS, "fot-attention", "fot-reread", "fot-bag", "knn-bag")
+CONFIGS: tuple[str, ...] = ("plain", *BACKENDS, "fot-passages", "fot-hybrid", "fot-attention", "fot-bag", "knn-bag")
 DEFAULT_CONFIGS: tuple[str, ...] = ("plain", *BACKENDS)
 LONG_LENGTH = 128_000
 DEPTH_BINS = 5
@@ -106,7 +106,7 @@ def documents(config: EvalConfig) -> list[Document]:
 
 def config_lm(name: str, hf_model, tokenizer, model: str | None, store: FaissStore | None = None) -> MemoryLM | None:
     """The MemoryLM of a configuration; "plain" is None. "<backend>-<variant>" sets the read
-    (`reread`, `bag`) or the passage read's scoring (`attention`). A configuration with an
+    (`passages`, `bag`) or the passage read's scoring (`hybrid`, `attention`). A configuration with an
     adapter runs on its own copy of the model, since a LoRA adapter changes the weights; the
     others share `hf_model`. `store`: where its memories go (variants of a backend share one)."""
     if name == "plain":

@@ -137,10 +137,13 @@ def add_votes(votes: dict[int, float], found: SearchResult, weights: np.ndarray)
 
 def lexical_scores(token_ids: np.ndarray, question_ids: Sequence[int], block_len: int, grid: int, end: int) -> dict[int, float]:
     """Each stored block's share of the question's words: the sum, over the question's
-    distinct tokens found in the block, of their inverse block frequency in the document
-    (log((n + 1) / (df + 0.5)), as BM25 weighs terms), so a name that occurs in one block
-    counts far more than "the". Blocks [grid, end) in steps of block_len; only those with
-    a match. The memory keeps every token id, so this needs nothing from the store."""
+    distinct tokens found in the block or its two neighbours, of their inverse block
+    frequency in the document (log((n + 1) / (df + 0.5)), as BM25 weighs terms), so a name
+    that occurs in one block counts far more than "the". The neighbours count because a
+    sentence often straddles two blocks: without them, a block holding the words a question
+    shares with every sentence of its kind ("the door code of the ... room") beat the block
+    holding the one name that tells them apart. Blocks [grid, end) in steps of block_len;
+    only those with a match. The memory keeps every token id: this needs nothing from the store."""
     num_blocks = max(0, (end - grid) // block_len)
     blocks = np.asarray(token_ids[grid : grid + num_blocks * block_len]).reshape(num_blocks, block_len)
     scores = np.zeros(num_blocks)
@@ -148,7 +151,10 @@ def lexical_scores(token_ids: np.ndarray, question_ids: Sequence[int], block_len
         holds = (blocks == token).any(axis=1)
         found = int(holds.sum())
         if found:
-            scores += holds * np.log((num_blocks + 1) / (found + 0.5))
+            near = holds.copy()
+            near[1:] |= holds[:-1]
+            near[:-1] |= holds[1:]
+            scores += near * np.log((num_blocks + 1) / (found + 0.5))
     return {grid + i * block_len: float(scores[i]) for i in np.flatnonzero(scores > 0)}
 
 

@@ -1,0 +1,101 @@
+"""How a question reads memory, side by side on the demo's handbooks: each read (`read`,
+`read_scoring`, `read_blocks`, `read_context`) answers the same questions from one ingest.
+Reports answers right and evidence recall (the fact's sentence in front of the model, and
+the rank of the passage that brought it) per read, with 95% Wilson intervals.
+
+    .venv/bin/python scripts/bench_read.py --seeds 0,1            # ~5 min a seed on a 2-core CPU
+
+Writes benchmarks/results/read.json and read.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from memlm.bench.report import accuracy_cell, accuracy_text, interval_errors, report_header, save_report, saved_figure
+from memlm.engine import MemoryLM
+from memlm.memory.reading import evidence_found, token_spans
+from memlm.store import FaissStore
+from memlm.tasks import handbook
+
+# name: (read, read_scoring, read_blocks, read_context); the first is the default before this
+# benchmark, the second the default it chose.
+READS: dict[str, tuple[str, str, int, int]] = {
+    "passages, hybrid, 8 blocks": ("passages", "hybrid", 8, 48),
+    "reread, lexical, 1 block (default)": ("reread", "lexical", 1, 128),
+    "reread, lexical, 2 blocks": ("reread", "lexical", 2, 128),
+    "reread, hybrid, 8 blocks": ("reread", "hybrid", 8, 48),
+    "passages, lexical, 1 block": ("passages", "lexical", 1, 128),
+    "bag (every head its own top-k)": ("bag", "lexical", 1, 128),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", default="0,1", help="handbook seeds (the demo's is 0)")
+    parser.add_argument("--tokens", type=int, default=50_000, help="handbook length (the demo's)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    lm = MemoryLM.load(store=FaissStore(None))  # dtype "auto"
+    trials = {name: [] for name in READS}
+    started = time.perf_counter()
+    for seed in seeds:
+        document, tasks = handbook(args.tokens, seed=seed, num_facts=8)
+        lm.ingest(document, "handbook")
+        default = lm.config
+        for name, (read, scoring, blocks, context) in tqdm(READS.items(), desc=f"reads, handbook {seed}"):
+            lm.config = replace(default, read=read, read_scoring=scoring, read_blocks=blocks, read_context=context)
+            for task in tasks:
+                asked = time.perf_counter()
+                result = lm.generate_full(task.question, memory="handbook", max_new_tokens=32)
+                spans = token_spans(lm.tokenizer, document, task.evidence)
+                rank, read_it = evidence_found(result.evidence, result.in_view, spans)
+                trials[name].append({"seed": seed, "question": task.question, "expected": task.answer,
+                                     "answer": result.text, "right": task.score(result.text), "evidence_read": read_it,
+                                     "evidence_rank": rank, "seconds": time.perf_counter() - asked})  # fmt: skip
+        lm.config = default
+        lm.forget("handbook")
+    summary = {
+        name: {
+            "settings": dict(zip(("read", "read_scoring", "read_blocks", "read_context"), READS[name])),
+            "right": accuracy_cell(sum(t["right"] for t in rows), len(rows)),
+            "evidence": accuracy_cell(sum(t["evidence_read"] for t in rows), len(rows)),
+            "evidence_first": accuracy_cell(sum(t["evidence_rank"] == 0 for t in rows), len(rows)),
+            "seconds_per_question": sum(t["seconds"] for t in rows) / max(1, len(rows)),
+        }
+        for name, rows in trials.items()
+    }
+    print(f"\n{'read':36s} {'right':>24s} {'evidence read':>24s} {'read first':>24s}  s/question")
+    for name, cells in summary.items():
+        print(f"{name:36s} {accuracy_text(cells['right']):>24s} {accuracy_text(cells['evidence']):>24s} "
+              f"{accuracy_text(cells['evidence_first']):>24s}  {cells['seconds_per_question']:.1f}")  # fmt: skip
+    header = {**report_header(None), "dtype": str(lm.model.dtype).removeprefix("torch."), "chat": True}
+    report = {**header, "seeds": seeds, "tokens": args.tokens, "seconds": time.perf_counter() - started,
+              "summary": summary, "trials": trials}  # fmt: skip
+
+    def plot(path: Path) -> None:
+        names = list(summary)
+        with saved_figure(path, figsize=(9, 4)) as (_, axes):
+            for offset, (key, label) in enumerate([("right", "answer right"), ("evidence", "evidence read")]):
+                cells = [summary[name][key] for name in names]
+                means = [cell["accuracy"] for cell in cells]
+                axes.barh([i + 0.4 * offset for i in range(len(names))], means, height=0.4, label=label,
+                          xerr=interval_errors(cells, means), capsize=3)  # fmt: skip
+            axes.set_yticks([i + 0.2 for i in range(len(names))], names)
+            axes.invert_yaxis()
+            axes.set_xlim(0, 1)
+            axes.set_xlabel(f"share of {len(seeds) * 8} handbook questions ({args.tokens // 1000}k tokens), 95% CI")
+            axes.legend(loc="lower right")
+            axes.figure.tight_layout()
+
+    save_report(report, args.out / "read", {"": plot})
+
+
+if __name__ == "__main__":
+    main()
