@@ -208,7 +208,9 @@ def serve(
     backend: BackendOpt = "fot",
     store: StoreOpt = None,
     top_k: TopKOpt = None,
-    dtype: Annotated[str, typer.Option(help="Model weights: auto (bfloat16 where the hardware computes it, else float32), bfloat16, float32 or float16.")] = "auto",
+    dtype: Annotated[
+        str, typer.Option(help="Model weights: auto (bfloat16 where the hardware has it, else float32), bfloat16, float32, float16.")
+    ] = "auto",
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     token: Annotated[Optional[str], typer.Option(help="Bearer token clients must send (env MEMLM_TOKEN).")] = None,
     tls_cert: Annotated[Optional[str], typer.Option(help="TLS certificate (PEM).")] = None,

@@ -49,25 +49,27 @@ class MemoryConfig:
     gate_init: float = 0.0
     # Storage precision of memory keys and values.
     memory_dtype: Literal["float16", "float32"] = "float16"
-    # How a question reads the memory (fot, knn; memlm/memory/reading.py). All three pick
-    # passages for the question first (`read_scoring`); "reread" (the default) runs their text,
-    # between the document's first tokens and its local window, through the model again
-    # before the question; "passages" places their stored keys and values there instead, in
-    # document order at consecutive positions (no recompute; with memory in some layers only,
-    # the others hold no keys, so it re-reads); "bag" is every head attending to its own top-k
-    # blocks at every step, as while ingesting. Measured on the demo's handbooks (README,
-    # "Reading"): with the passage holding the fact read first every time, the 135M model
-    # answered 11/16 from re-read text and 1/16 from the stored keys and values.
+    # How a question reads the memory (fot, knn; memlm/memory/reading.py). "reread" (the
+    # default) and "passages" first pick passages for the question (`read_scoring`): "reread"
+    # runs their text, between the document's first tokens and its local window, through the
+    # model again before the question; "passages" places their stored keys and values there
+    # instead, in document order at consecutive positions (no recompute; with memory in some
+    # layers only, the others hold no keys, so it re-reads). "bag" is every head attending to
+    # its own top-k blocks at every step, as while ingesting. Measured on the demo's handbooks
+    # (scripts/bench_read.py, README "Which read"): with the passage holding the fact read
+    # first every time, the 135M model answered 11/16 from its re-read text and 7/16 from its
+    # stored keys and values.
     read: ReadMode = "reread"
     # Passage read: blocks each (layer, query head) votes for (attention scoring).
     read_top_k: int = 32
     # How the passage read ranks blocks: "lexical" (the question's rare words in the blocks'
-    # token ids, the default: it put the fact first for 16 of 16 handbook questions),
-    # "attention" (the retrieval heads' votes) or "hybrid" (both, by reciprocal rank fusion).
+    # token ids, the default: it put the fact first for 16 of 16 handbook questions, fused
+    # with the heads' votes for 10 of 16), "attention" (the retrieval heads' votes) or
+    # "hybrid" (both, by reciprocal rank fusion).
     read_scoring: ReadScoring = "lexical"
     # Blocks read, and the tokens of context kept on either side of each: one passage of
-    # ~270 tokens. More passages gave a small model more look-alike sentences to confuse
-    # with the answer (2 blocks: 8/16 against 11/16).
+    # ~270 tokens. Eight passages of 48 tokens' context put eight look-alike facts in front
+    # of a small model (3/16 right against 11/16); two answered as one (11/16), for more time.
     read_blocks: int = 1
     read_context: int = 128
     # Tokens of notes the rmt backend carries from segment to segment (read and written).

@@ -147,7 +147,8 @@ class ShardWorker:
         if spec.weights is not None:
             shard = spec.weights
         else:
-            shard = shard_model(load_model(spec.model, dtype=resolve_dtype(spec.dtype, self.device.type))[0], spec.block)
+            weights = resolve_dtype(spec.dtype, self.device.type)
+            shard = shard_model(load_model(spec.model, dtype=weights)[0], spec.block)
         shard = shard.to(self.device).eval()
         local = [layer - start for layer in spec.config.layer_indices(spec.num_layers) if start <= layer < stop]
         self.lm = MemoryLM(shard, None, open_store(spec.store), replace(spec.config, memory_layers=local))
