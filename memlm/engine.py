@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from memlm.config import MemoryConfig
 from memlm.memory.backends import make_backend
-from memlm.memory.recurrent import RecurrentSession
+from memlm.memory.base import Logits, Retrieval, Session
 from memlm.memory.reading import (
     HeadProfile,
     Passage,
@@ -33,13 +33,14 @@ from memlm.memory.reading import (
     reread_ids,
     select_passages,
 )
-from memlm.memory.base import Logits, Retrieval, Session
+from memlm.memory.recurrent import RecurrentSession
 from memlm.memory.session import MemorySession
 from memlm.model.adapter import load_adapter, shipped_adapter
 from memlm.model.install import install_memory_attention
 from memlm.model.loading import load_model, resolve_dtype
 from memlm.store import MemoryNotFound, VectorStore, check_memory_name, open_store
 from memlm.store.base import Blocks, SearchResult
+
 
 @dataclass
 class IngestStats:

@@ -18,8 +18,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from memlm.bench.report import accuracy_cell, accuracy_text, interval_errors, report_header, save_report, saved_figure
+from memlm.bench.trials import memory_answer
 from memlm.engine import MemoryLM
-from memlm.memory.reading import evidence_found, token_spans
 from memlm.store import FaissStore
 from memlm.tasks import handbook
 
@@ -35,13 +35,20 @@ READS: dict[str, tuple[str, str, int, int]] = {
 }
 
 
+def seed_list(value: str) -> list[int]:
+    try:
+        return [int(s) for s in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds are whole numbers separated by commas, got {value!r}") from None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", default="0,1", help="handbook seeds (the demo's is 0)")
+    parser.add_argument("--seeds", type=seed_list, default="0,1", help="handbook seeds, e.g. 0,1 (the demo: 0)")
     parser.add_argument("--tokens", type=int, default=50_000, help="handbook length (the demo's)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = args.seeds
     lm = MemoryLM.load(store=FaissStore(None))  # dtype "auto"
     trials = {name: [] for name in READS}
     started = time.perf_counter()
@@ -53,11 +60,9 @@ def main() -> None:
             lm.config = replace(default, read=read, read_scoring=scoring, read_blocks=blocks, read_context=context)
             for task in tasks:
                 asked = time.perf_counter()
-                result = lm.generate_full(task.question, memory="handbook", max_new_tokens=32)
-                spans = token_spans(lm.tokenizer, document, task.evidence)
-                rank, read_it = evidence_found(result.evidence, result.in_view, spans)
+                answer, rank, read_it = memory_answer(lm, task, "handbook")
                 trials[name].append({"seed": seed, "question": task.question, "expected": task.answer,
-                                     "answer": result.text, "right": task.score(result.text), "evidence_read": read_it,
+                                     "answer": answer, "right": task.score(answer), "evidence_read": read_it,
                                      "evidence_rank": rank, "seconds": time.perf_counter() - asked})  # fmt: skip
         lm.config = default
         lm.forget("handbook")
@@ -75,7 +80,7 @@ def main() -> None:
     for name, cells in summary.items():
         print(f"{name:36s} {accuracy_text(cells['right']):>24s} {accuracy_text(cells['evidence']):>24s} "
               f"{accuracy_text(cells['evidence_first']):>24s}  {cells['seconds_per_question']:.1f}")  # fmt: skip
-    header = {**report_header(None), "dtype": str(lm.model.dtype).removeprefix("torch."), "chat": True}
+    header = {**report_header(None, lm.model.dtype), "chat": True}
     report = {**header, "seeds": seeds, "tokens": args.tokens, "seconds": time.perf_counter() - started,
               "summary": summary, "trials": trials}  # fmt: skip
 

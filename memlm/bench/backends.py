@@ -19,11 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from memlm.bench.eval import DEFAULT_CONFIGS, EvalConfig, config_lm, evaluate, print_table, write
 from memlm.bench.passkey import throughput
-from memlm.bench.report import check_names, saved_figure
+from memlm.bench.report import BENCH_DTYPE, check_names, saved_figure
 from memlm.model.loading import load_model
 
 FAMILIES: tuple[str, ...] = ("passkey", "babilong")
@@ -52,7 +50,7 @@ class BackendsConfig:
 def measure_speed(config: BackendsConfig) -> dict[str, dict]:
     """throughput() per backend on one shared document length (the plain model is the
     reference inside each measurement, so it has no row of its own)."""
-    hf_model, tokenizer = load_model(config.model, dtype=torch.bfloat16)
+    hf_model, tokenizer = load_model(config.model, dtype=BENCH_DTYPE)
     speed = {}
     for name in config.configs:
         lm = config_lm(name, hf_model, tokenizer, config.model)

@@ -27,10 +27,10 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from memlm.bench.families import FAMILIES, Document, document_depths, document_seed
 from memlm.bench.report import (
+    BENCH_DTYPE,
     accuracy_cell,
     accuracy_text,
     adapter_names,
@@ -132,7 +132,7 @@ def evaluate(config: EvalConfig) -> dict:
     reuse = answered_before(config.resume, header)
     if reuse:
         print(f"reusing the answers to {len(reuse)} documents of {', '.join(map(str, config.resume))}")
-    hf_model, tokenizer = load_model(config.model, dtype=torch.bfloat16)
+    hf_model, tokenizer = load_model(config.model, dtype=BENCH_DTYPE)
     base = MemoryLM(hf_model, tokenizer, FaissStore(None), MemoryConfig())
     if config.window_length + 256 > base.max_positions:
         raise ValueError(f"window_length {config.window_length} does not fit the model's {base.max_positions} tokens")

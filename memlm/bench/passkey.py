@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from memlm.bench.report import check_names, report_header, save_report, saved_figure
+from memlm.bench.report import BENCH_DTYPE, check_names, report_header, save_report, saved_figure
 from memlm.bench.trials import Question, memory_answer, plain_answers, prompt_text
 from memlm.config import MemoryConfig
 from memlm.engine import MemoryLM
@@ -180,7 +180,7 @@ def run(
     names = list(CONFIGS) if configs == "all" else configs.split(",")
     check_names("configuration", names, CONFIGS)
     passkey_task(100, 0.5, 0, haystack)  # an unknown haystack fails before the model loads
-    hf_model, tokenizer = load_model(model, dtype=torch.bfloat16)
+    hf_model, tokenizer = load_model(model, dtype=BENCH_DTYPE)
     base = MemoryLM(hf_model, tokenizer, FaissStore(None), MemoryConfig())
     results = []
     speed = throughput(base, throughput_length) if throughput_length else {}

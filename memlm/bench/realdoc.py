@@ -39,10 +39,9 @@ from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
-import torch
-
 from memlm.bench.eval import config_lm
 from memlm.bench.report import (
+    BENCH_DTYPE,
     accuracy_cell,
     adapter_names,
     check_names,
@@ -337,7 +336,7 @@ def evaluate(config: RealdocConfig) -> dict:
     """Ask every configuration every question; returns the report (see `run`)."""
     config.validate()
     document, tasks = document_and_tasks(config)
-    hf_model, tokenizer = load_model(config.model, dtype=torch.bfloat16)
+    hf_model, tokenizer = load_model(config.model, dtype=BENCH_DTYPE)
     base = MemoryLM(hf_model, tokenizer, FaissStore(None), MemoryConfig())
     tokens = len(tokenizer(document.text, add_special_tokens=False)["input_ids"])
     print(f"{document.source}: {tokens} tokens, {len(tasks)} questions; the model's window is "

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from memlm.bench.eval import EvalConfig, documents, summarize
 from memlm.bench.families import FAMILIES, document_seed
 from memlm.bench.report import (
+    BENCH_DTYPE,
     accuracy_text,
     adapter_metadata,
     check_names,
@@ -51,9 +52,9 @@ from memlm.bench.report import (
 from memlm.bench.trials import run_config
 from memlm.config import MemoryConfig
 from memlm.engine import MemoryLM
+from memlm.model.adapter import SHIPPED_DIR, load_adapter
 from memlm.model.loading import load_model
 from memlm.store import FaissStore
-from memlm.model.adapter import SHIPPED_DIR, load_adapter
 from memlm.train.data import handbook_ids, packed_documents
 
 CONFIGS: tuple[str, ...] = ("fot", "fot+lora", "knn", "knn+gates")
@@ -206,7 +207,7 @@ def run(config: TrainBenchConfig) -> dict:
         print(f"skipping {name}: {why}")
     if not variants:
         raise ValueError("nothing to run: every configuration asked for was skipped")
-    shared_model, tokenizer = load_model(config.model, dtype=torch.bfloat16)
+    shared_model, tokenizer = load_model(config.model, dtype=BENCH_DTYPE)
     ppl_docs = perplexity_documents(config, tokenizer)
     # window_length = the shortest length: bench eval's in-window reference run is not repeated here.
     qa_config = EvalConfig(lengths=config.lengths, window_length=min(config.lengths), trials=config.trials,
