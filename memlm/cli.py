@@ -279,7 +279,7 @@ def bench_eval(
     trials: Annotated[int, typer.Option(help="Documents per task, length and config (several questions each).")] = 5,
     tasks: Annotated[str, typer.Option(help="Comma-separated: prose-needles,passkey,kv-lines,multi-needle,babilong,"
                                             "docqa.")] = "all",
-    configs: Annotated[str, typer.Option(help="Comma-separated: plain,fot,knn,xl,rmt,fot-passages,fot-hybrid,fot-attention,fot-bag,knn-bag.")] = (
+    configs: Annotated[str, typer.Option(help="Comma-separated: plain,fot,knn,xl,rmt,fot-reread,fot-passages,fot-hybrid,fot-attention,fot-bag,knn-bag.")] = (
         "plain,fot,knn,xl,rmt"
     ),
     model: ModelOpt = None,

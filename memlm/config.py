@@ -10,8 +10,8 @@ import numpy as np
 
 Backend = Literal["fot", "knn", "xl", "rmt"]
 PositionMode = Literal["window", "zero", "exact"]
-ReadMode = Literal["passages", "reread", "bag"]
-READ_MODES: tuple[str, ...] = ("passages", "reread", "bag")
+ReadMode = Literal["quote", "reread", "passages", "bag"]
+READ_MODES: tuple[str, ...] = ("quote", "reread", "passages", "bag")
 ReadScoring = Literal["hybrid", "attention", "lexical"]
 READ_SCORINGS: tuple[str, ...] = ("hybrid", "attention", "lexical")
 BACKENDS: tuple[str, ...] = ("fot", "knn", "xl", "rmt")
@@ -49,17 +49,18 @@ class MemoryConfig:
     gate_init: float = 0.0
     # Storage precision of memory keys and values.
     memory_dtype: Literal["float16", "float32"] = "float16"
-    # How a question reads the memory (fot, knn; memlm/memory/reading.py). "reread" (the
-    # default) and "passages" first pick passages for the question (`read_scoring`): "reread"
-    # runs their text, between the document's first tokens and its local window, through the
-    # model again before the question; "passages" places their stored keys and values there
-    # instead, in document order at consecutive positions (no recompute; with memory in some
+    # How a question reads the memory (fot, knn; memlm/memory/reading.py). "quote" (the
+    # default), "reread" and "passages" first pick passages for the question (`read_scoring`).
+    # "quote" re-reads the document's first tokens and its local window as text and quotes the
+    # passages' text in the question's own turn, just before the question; "reread" runs the
+    # passages' text between the first tokens and the local window instead, in document order;
+    # "passages" places their stored keys and values there (no recompute; with memory in some
     # layers only, the others hold no keys, so it re-reads). "bag" is every head attending to
     # its own top-k blocks at every step, as while ingesting. Measured on the demo's handbooks
-    # (scripts/bench_read.py, README "Which read"): with the passage holding the fact read
-    # first every time, the 135M model answered 11/16 from its re-read text and 7/16 from its
-    # stored keys and values.
-    read: ReadMode = "reread"
+    # (scripts/bench_read.py, README "Which read"), with the passage holding the fact read
+    # first every time, the 135M model answered 15/16 from the quoted passage, 11/16 from the
+    # re-read one and 7/16 from its stored keys and values.
+    read: ReadMode = "quote"
     # Passage read: blocks each (layer, query head) votes for (attention scoring).
     read_top_k: int = 32
     # How the passage read ranks blocks: "lexical" (the question's rare words in the blocks'

@@ -30,6 +30,7 @@ from memlm.memory.reading import (
     new_votes,
     question_search_keys,
     question_span,
+    quoted_prompt,
     reread_ids,
     select_passages,
 )
@@ -299,12 +300,22 @@ class MemoryLM:
         wanted = np.array(starts, dtype=np.int64)
         return {layer: self.store.blocks_at(session.memory, layer, wanted) for layer in range(self.shape.num_layers)}
 
-    def reread_session(self, session: MemorySession, passages: list[Passage]) -> tuple[MemorySession, list[int]]:
-        """A fresh session with no memory and the ids to run first: the document's first tokens,
-        the passages and the local window, in document order at consecutive positions."""
+    def reread_session(
+        self, session: MemorySession, passages: list[Passage], prompt_ids: list[int], question: slice
+    ) -> tuple[MemorySession, list[int]]:
+        """A fresh session with no memory and the ids to run in it: the document's first tokens
+        and its local window as text, then the prompt; with `read="reread"` the passages' text
+        lies between them, in document order at consecutive positions, and with `read="quote"`
+        it is quoted in the prompt just before the question (`question`: where its tokens are)."""
         separator = self.tokenizer("\n\n", add_special_tokens=False)["input_ids"]
-        context = reread_ids(session.token_ids, session.positions.tolist(), passages, separator)
-        return self.open_session(None, writes=False), context
+        kept = session.positions.tolist()
+        if self.config.read == "quote":
+            quoted = [session.token_ids[p.start : p.end] for p in passages]
+            inputs = reread_ids(session.token_ids, kept, [], separator) + separator
+            inputs += quoted_prompt(prompt_ids, question, quoted, separator)
+        else:
+            inputs = reread_ids(session.token_ids, kept, passages, separator) + prompt_ids
+        return self.open_session(None, writes=False), inputs
 
     def stream(
         self,
@@ -341,14 +352,15 @@ class MemoryLM:
         with self._lock(memory or ""):
             session = self.open_session(memory, writes=False)
             in_view = session.in_view()
-            session, context, evidence = self._read_for(session, prompt, prompt_ids, chat)
-        used = session.window_end + len(context) + len(prompt_ids) + max_new_tokens
+            session, inputs, evidence = self._read_for(session, prompt, prompt_ids, chat)
+        used = session.window_end + len(inputs) + max_new_tokens
         if self.config.position_mode != "exact" and used > self.max_positions:
             raise ValueError(
                 f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) do not fit the model's "
-                f"context next to the memory's local window; shorten the prompt or lower max_new_tokens"
+                f"context next to the memory's local window and what the question read; shorten the prompt or "
+                f"lower max_new_tokens"
             )
-        logits = self.forward(session, context + prompt_ids, logits="last")[-1]
+        logits = self.forward(session, inputs, logits="last")[-1]
         retrieved = dict(session.retrieved)
         if not evidence and retrieved:
             evidence = bag_evidence(retrieved, self.config.block_len, self.config.sink_len)
@@ -377,17 +389,18 @@ class MemoryLM:
         self, session: Session, prompt: str, prompt_ids: list[int], chat: bool
     ) -> tuple[Session, list[int], list[Passage]]:
         """The question's passage read (`config.read`): the session to generate in, the token
-        ids to run before the prompt, and the passages read. The bag read, or no memory to
-        read: the session as it is."""
+        ids to run in it (ending with the prompt), and the passages read. The bag read, or no
+        memory to read: the session as it is and the prompt."""
         if self.config.read == "bag" or not session.has_memory:
-            return session, [], []
-        evidence = self.read_passages(session, prompt_ids, self.question_span(prompt, chat))
+            return session, prompt_ids, []
+        question = self.question_span(prompt, chat)
+        evidence = self.read_passages(session, prompt_ids, question)
         if self.config.read == "passages" and len(session.memory_layers) == self.shape.num_layers:
             session.place_passages(self.fetch_passages(session, evidence))
-            return session, [], evidence
-        # "reread", or memory in some layers only: the others hold no passage keys.
-        session, context = self.reread_session(session, evidence)
-        return session, context, evidence
+            return session, prompt_ids, evidence
+        # "quote", "reread", or memory in some layers only: the others hold no passage keys.
+        session, inputs = self.reread_session(session, evidence, prompt_ids, question)
+        return session, inputs, evidence
 
     def generate(self, prompt: str, memory: str | None = None, **options) -> str:
         return "".join(piece.text for piece in self.stream(prompt, memory, **options))

@@ -21,6 +21,7 @@ from memlm.memory.reading import (
     lexical_scores,
     new_votes,
     question_span,
+    quoted_prompt,
     reread_ids,
     select_passages,
     token_spans,
@@ -128,28 +129,46 @@ def test_reread_ids_keep_document_order_and_mark_the_gaps() -> None:
     ]  # fmt: skip
 
 
-def test_a_reread_is_the_stock_model_over_the_passages_and_the_prompt() -> None:
-    """The re-read lays the passages' tokens at consecutive positions before the local window:
-    what the question then computes is a plain forward pass of the stock model over exactly
-    that text (sinks, separator-joined passages, window, prompt)."""
-    lm = tiny_lm(segment_len=32, sink_len=4, local_len=32, block_len=4, read="reread", read_scoring="hybrid", read_blocks=3,
+def test_quoted_prompt_puts_the_passages_just_before_the_question() -> None:
+    prompt = [1, 2, 70, 71, 3, 4]  # [user-start, ..., (question 70 71), user-end, assistant-start]
+    quoted = quoted_prompt(prompt, slice(2, 4), [[1010, 1011], [1040]], separator=[-1])
+    assert quoted == [1, 2, 1010, 1011, -1, 1040, -1, 70, 71, 3, 4]
+
+
+@pytest.mark.parametrize("read", ["reread", "quote"])
+def test_a_reread_is_the_stock_model_over_the_passages_and_the_prompt(read: str) -> None:
+    """Both text reads run a plain forward pass of the stock model over a selection of the
+    document: "reread" the sinks, the separator-joined passages and the window, then the
+    prompt; "quote" the sinks and the window, then the prompt with the passages quoted just
+    before the question's tokens."""
+    lm = tiny_lm(segment_len=32, sink_len=4, local_len=32, block_len=4, read=read, read_scoring="hybrid", read_blocks=3,
                  read_context=4)
     document = random_ids(400, 1)
     lm.ingest_tokens(document, "doc", progress=False)
-    prompt = lm.prompt_ids("what now", chat=False)
+    prompt = [7, 8] + lm.prompt_ids("what now", chat=False) + [9]  # a template around the question
+    question = slice(2, len(prompt) - 1)
     session = lm.open_session("doc", writes=False)
-    passages = lm.read_passages(session, prompt, slice(0, len(prompt)))
+    passages = lm.read_passages(session, prompt, question)
     assert 1 <= len(passages) <= 3
-    reread, context = lm.reread_session(session, passages)
+    reread, inputs = lm.reread_session(session, passages, prompt, question)
     separator = lm.tokenizer("\n\n")["input_ids"]
-    assert context == reread_ids(document, lm.store.load_state("doc")["window_positions"].tolist(), passages, separator)
-    assert len(context) < 400  # a selection, not the document
-    got = lm.forward(reread, context + prompt, logits="all")
+    kept = lm.store.load_state("doc")["window_positions"].tolist()
+    if read == "reread":
+        expected_inputs = reread_ids(document, kept, passages, separator) + prompt
+    else:
+        quoted = [document[p.start : p.end] for p in passages]
+        expected_inputs = reread_ids(document, kept, [], separator) + separator
+        expected_inputs += prompt[:2] + [t for ids in quoted for t in ids + separator] + prompt[2:]
+    assert inputs == expected_inputs
+    assert len(inputs) < 400  # a selection, not the document
+    got = lm.forward(reread, inputs, logits="all")
     with torch.no_grad():
-        expected = tiny_model()(torch.tensor([context + prompt])).logits[0]
+        expected = tiny_model()(torch.tensor([inputs])).logits[0]
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
-    # And a generation with read="reread" reads exactly these passages.
-    assert lm.generate_full("what now", memory="doc", chat=False, max_new_tokens=1).evidence == passages
+    # And a generation reads exactly these passages.
+    plain_prompt = lm.prompt_ids("what now", chat=False)
+    expected_passages = lm.read_passages(lm.open_session("doc", writes=False), plain_prompt, slice(0, len(plain_prompt)))
+    assert lm.generate_full("what now", memory="doc", chat=False, max_new_tokens=1).evidence == expected_passages
 
 
 def test_stored_passages_sit_at_consecutive_positions_in_document_order() -> None:

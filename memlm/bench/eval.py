@@ -50,9 +50,11 @@ from memlm.model.loading import load_model
 from memlm.store import FaissStore
 
 # "plain": the model alone, its input cut to its window; "<backend>-<variant>": fot or knn with
-# the passage read scored by the retrieval heads alone, the re-read, or the per-head read
-# (MemoryConfig.read_scoring, .read).
-CONFIGS: tuple[str, ...] = ("plain", *BACKENDS, "fot-passages", "fot-hybrid", "fot-attention", "fot-bag", "knn-bag")
+# another read (MemoryConfig.read: the passages re-read in document order, their stored keys and
+# values, the per-head read) or the passage read scored otherwise (MemoryConfig.read_scoring).
+CONFIGS: tuple[str, ...] = (
+    "plain", *BACKENDS, "fot-reread", "fot-passages", "fot-hybrid", "fot-attention", "fot-bag", "knn-bag",
+)
 DEFAULT_CONFIGS: tuple[str, ...] = ("plain", *BACKENDS)
 LONG_LENGTH = 128_000
 DEPTH_BINS = 5
@@ -106,7 +108,7 @@ def documents(config: EvalConfig) -> list[Document]:
 
 def config_lm(name: str, hf_model, tokenizer, model: str | None, store: FaissStore | None = None) -> MemoryLM | None:
     """The MemoryLM of a configuration; "plain" is None. "<backend>-<variant>" sets the read
-    (`passages`, `bag`) or the passage read's scoring (`hybrid`, `attention`). A configuration with an
+    (`reread`, `passages`, `bag`) or the passage read's scoring (`hybrid`, `attention`). A configuration with an
     adapter runs on its own copy of the model, since a LoRA adapter changes the weights; the
     others share `hf_model`. `store`: where its memories go (variants of a backend share one)."""
     if name == "plain":

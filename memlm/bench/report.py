@@ -18,11 +18,13 @@ from safetensors import safe_open
 
 from memlm.config import MemoryConfig
 from memlm.model.adapter import shipped_adapter
+from memlm.model.loading import resolve_dtype
 
 EMBEDDED_MODEL = "embedded SmolLM2-135M-Instruct"
-# The weights every `memlm bench` loads, whatever the hardware computes fastest: the results
-# in benchmarks/results were measured in it, and a resumed run must match them.
-BENCH_DTYPE = torch.bfloat16
+# The weights every `memlm bench` loads: what users get ("auto": bfloat16 where the hardware
+# computes it, float32 elsewhere, where bf16 is emulated and 4x slower). Each report's header
+# records it, and a run resumes only from checkpoints measured in the same dtype.
+BENCH_DTYPE = resolve_dtype("auto")
 
 
 def check_names(label: str, names: Iterable[str], known: Iterable[str]) -> None:

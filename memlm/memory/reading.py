@@ -19,7 +19,9 @@ each fact answers 7/8). The passage read instead:
 4. *reads* them coherently: every layer's stored keys and values of those blocks go between
    the document's first tokens and its local window, at consecutive positions
    (`MemorySession.place_passages`), or, with `read="reread"`, the passages' text (the
-   memory's state keeps every token id) runs through the model again (`reread_ids`).
+   memory's state keeps every token id) runs through the model again there (`reread_ids`);
+   with `read="quote"` (the default) their text is quoted in the question's own turn, right
+   before the question, after the re-read first tokens and local window (`quoted_prompt`).
 """
 
 from __future__ import annotations
@@ -210,6 +212,13 @@ def reread_ids(token_ids: list[int], kept_positions: list[int], passages: list[P
             ids.extend(separator)
         ids.append(token_ids[position])
     return ids
+
+
+def quoted_prompt(prompt_ids: list[int], question: slice, passage_ids: list[list[int]], separator: list[int]) -> list[int]:
+    """The prompt with the passages' text quoted just before the question's own tokens (in a
+    chat prompt: inside the user's turn), in document order, each followed by `separator`."""
+    quoted = [token for ids in passage_ids for token in [*ids, *separator]]
+    return prompt_ids[: question.start] + quoted + prompt_ids[question.start :]
 
 
 def token_spans(tokenizer, document: str, sentences: Sequence[str]) -> list[tuple[int, int]]:
