@@ -58,19 +58,20 @@ class MemoryConfig:
     # layers only, the others hold no keys, so it re-reads). "bag" is every head attending to
     # its own top-k blocks at every step, as while ingesting. Measured on the demo's handbooks
     # (scripts/bench_read.py, README "Which read"), with the passage holding the fact read
-    # first every time, the 135M model answered 15/16 from the quoted passage, 11/16 from the
-    # re-read one and 7/16 from its stored keys and values.
+    # first every time, the 135M model answered 24/24 from the quoted passage, 17/24 from the
+    # re-read one and 10/24 from its stored keys and values.
     read: ReadMode = "quote"
     # Passage read: blocks each (layer, query head) votes for (attention scoring).
     read_top_k: int = 32
     # How the passage read ranks blocks: "lexical" (the question's rare words in the blocks'
-    # token ids, the default: it put the fact first for 16 of 16 handbook questions, fused
-    # with the heads' votes for 10 of 16), "attention" (the retrieval heads' votes) or
+    # token ids, the default: it put the fact first for 24 of 24 handbook questions, fused
+    # with the heads' votes for 16 of 24), "attention" (the retrieval heads' votes) or
     # "hybrid" (both, by reciprocal rank fusion).
     read_scoring: ReadScoring = "lexical"
     # Blocks read, and the tokens of context kept on either side of each: one passage of
     # ~270 tokens. Eight passages of 48 tokens' context put eight look-alike facts in front
-    # of a small model (3/16 right against 11/16); two answered as one (11/16), for more time.
+    # of a small model (6/24 right, stored keys and values, against 24/24 quoted); two quoted
+    # passages answered 24/24 too, for more time.
     read_blocks: int = 1
     read_context: int = 128
     # Tokens of notes the rmt backend carries from segment to segment (read and written).

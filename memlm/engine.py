@@ -307,15 +307,27 @@ class MemoryLM:
         and its local window as text, then the prompt; with `read="reread"` the passages' text
         lies between them, in document order at consecutive positions, and with `read="quote"`
         it is quoted in the prompt just before the question (`question`: where its tokens are)."""
-        separator = self.tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+        separator = self._ids("\n\n")
         kept = session.positions.tolist()
         if self.config.read == "quote":
-            quoted = [session.token_ids[p.start : p.end] for p in passages]
             inputs = reread_ids(session.token_ids, kept, [], separator) + separator
-            inputs += quoted_prompt(prompt_ids, question, quoted, separator)
-        else:
-            inputs = reread_ids(session.token_ids, kept, passages, separator) + prompt_ids
+            return self.open_session(None, writes=False), inputs + quoted_prompt(
+                prompt_ids, question, self.quote_ids(session.token_ids, passages)
+            )
+        inputs = reread_ids(session.token_ids, kept, passages, separator) + prompt_ids
         return self.open_session(None, writes=False), inputs
+
+    def quote_ids(self, token_ids: list[int], passages: list[Passage]) -> list[int]:
+        """The passages as the question's turn quotes them: labelled as the document's and the
+        question after them labelled too. The labels matter to a small model: without them the
+        135M model took the quoted Vim manual for the conversation and went on with it (7 of 18
+        needles right against 13 of 18 with them; a scratch comparison, 12k-token documents)."""
+        separator = self._ids("\n\n")
+        passages_ids = [token for p in passages for token in [*token_ids[p.start : p.end], *separator]]
+        return self._ids("From the document:\n") + passages_ids + self._ids("Question: ")
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def stream(
         self,

@@ -50,7 +50,10 @@ class Task:
     # other numbers): an output that names one of them before the answer is wrong, so that
     # listing every candidate does not count as knowing which one is right.
     distractors: tuple[str, ...] = ()
-    answer_tokens: int = 8  # new tokens enough to hold the answer
+    # New tokens enough to hold the answer: through the chat template the model first restates
+    # the question ("The pass key is ..."), and a budget cut to the bare answer scored right
+    # codes wrong halfway ("The access code for the server room is RW9Z3" for RW9Z36).
+    answer_tokens: int = 24
     # The sentences of the document worth noting, in document order, as written there: what
     # an rmt memory is trained to write down (memlm/train/methods.py).
     facts: tuple[str, ...] = ()
@@ -413,7 +416,7 @@ def prose_needles(
     document = "\n\n".join(paragraphs)
     used_codes = [answer for kind, *_, answer, _, _ in made if kind == "prose-passkey"]
     return [
-        Task(document, question, answer, depth, prompt=prompt, kind=kind, evidence=(needle,), answer_tokens=12,
+        Task(document, question, answer, depth, prompt=prompt, kind=kind, evidence=(needle,), answer_tokens=32,
              distractors=tuple(c for c in used_codes if c != answer) if kind == "prose-passkey" else ())
         for kind, question, prompt, answer, depth, needle in made
     ]  # fmt: skip

@@ -129,10 +129,9 @@ def test_reread_ids_keep_document_order_and_mark_the_gaps() -> None:
     ]  # fmt: skip
 
 
-def test_quoted_prompt_puts_the_passages_just_before_the_question() -> None:
+def test_quoted_prompt_puts_the_quote_just_before_the_question() -> None:
     prompt = [1, 2, 70, 71, 3, 4]  # [user-start, ..., (question 70 71), user-end, assistant-start]
-    quoted = quoted_prompt(prompt, slice(2, 4), [[1010, 1011], [1040]], separator=[-1])
-    assert quoted == [1, 2, 1010, 1011, -1, 1040, -1, 70, 71, 3, 4]
+    assert quoted_prompt(prompt, slice(2, 4), [1010, 1011, -1]) == [1, 2, 1010, 1011, -1, 70, 71, 3, 4]
 
 
 @pytest.mark.parametrize("read", ["reread", "quote"])
@@ -156,9 +155,10 @@ def test_a_reread_is_the_stock_model_over_the_passages_and_the_prompt(read: str)
     if read == "reread":
         expected_inputs = reread_ids(document, kept, passages, separator) + prompt
     else:
-        quoted = [document[p.start : p.end] for p in passages]
-        expected_inputs = reread_ids(document, kept, [], separator) + separator
-        expected_inputs += prompt[:2] + [t for ids in quoted for t in ids + separator] + prompt[2:]
+        quote = lm.tokenizer("From the document:\n")["input_ids"]
+        quote += [t for p in passages for t in document[p.start : p.end] + separator]
+        quote += lm.tokenizer("Question: ")["input_ids"]
+        expected_inputs = reread_ids(document, kept, [], separator) + separator + prompt[:2] + quote + prompt[2:]
     assert inputs == expected_inputs
     assert len(inputs) < 400  # a selection, not the document
     got = lm.forward(reread, inputs, logits="all")
@@ -238,16 +238,11 @@ def test_calibrate_refuses_bad_settings_in_one_line(tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_the_embedded_model_reads_the_evidence_beyond_its_window(embedded_lm) -> None:
+def test_the_embedded_model_answers_from_beyond_its_window(embedded_lm) -> None:
     """About 12k tokens of the Vim manual (more than the model's 8,192-token window) with an
     access code and a fact about a person in its first half, asked through the chat template:
-    the passages read from memory hold both sentences.
-
-    Answers are measured in `memlm bench eval`, not asserted here: through the chat template
-    the 135M model rarely answers even with the text in its window (no access code copied in
-    8 tries with 1.4k tokens around each; 7 of 8 with a raw prompt; the city named for 1 of 12
-    seeds of this document given the 1.5k tokens around the fact, and not for that one from
-    the passages read)."""
+    the passages read from memory hold both sentences, and the model answers both (accuracy
+    over many documents is measured in `memlm bench eval`; this one is a fixed seed)."""
     tasks = prose_needles(12_000, [0.2, 0.4], seed=2)
     document = tasks[0].document
     assert len(embedded_lm.tokenizer(document, add_special_tokens=False)["input_ids"]) > embedded_lm.max_positions
@@ -258,5 +253,6 @@ def test_the_embedded_model_reads_the_evidence_beyond_its_window(embedded_lm) ->
             spans = token_spans(embedded_lm.tokenizer, document, task.evidence)
             rank, read = evidence_found(result.evidence, result.in_view, spans)
             assert read and rank is not None, (task.question, spans, result.evidence)  # from memory
+            assert task.score(result.text), (task.question, task.answer, result.text)
     finally:
         embedded_lm.forget("prose")

@@ -214,11 +214,10 @@ def reread_ids(token_ids: list[int], kept_positions: list[int], passages: list[P
     return ids
 
 
-def quoted_prompt(prompt_ids: list[int], question: slice, passage_ids: list[list[int]], separator: list[int]) -> list[int]:
-    """The prompt with the passages' text quoted just before the question's own tokens (in a
-    chat prompt: inside the user's turn), in document order, each followed by `separator`."""
-    quoted = [token for ids in passage_ids for token in [*ids, *separator]]
-    return prompt_ids[: question.start] + quoted + prompt_ids[question.start :]
+def quoted_prompt(prompt_ids: list[int], question: slice, quote: list[int]) -> list[int]:
+    """The prompt with `quote` (the passages read, as `MemoryLM.quote_ids` lays them out)
+    just before the question's own tokens: in a chat prompt, inside the user's turn."""
+    return prompt_ids[: question.start] + quote + prompt_ids[question.start :]
 
 
 def token_spans(tokenizer, document: str, sentences: Sequence[str]) -> list[tuple[int, int]]:
