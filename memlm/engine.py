@@ -183,7 +183,7 @@ class MemoryLM:
         failure or interruption leaves the memory as it was."""
         if not isinstance(text, str) or not text.strip():
             raise ValueError("nothing to ingest: the text is empty")
-        token_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        token_ids = self.text_ids(text)
         return self.ingest_tokens(token_ids, memory, progress=progress, cancelled=cancelled)
 
     def ingest_tokens(
@@ -241,7 +241,7 @@ class MemoryLM:
             return self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
             )
-        return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return self.text_ids(prompt)
 
     def question_span(self, prompt: str, chat: bool = True) -> slice:
         """Where the prompt's own text lies in `prompt_ids(prompt, chat)`: a chat template's
@@ -307,26 +307,26 @@ class MemoryLM:
         and its local window as text, then the prompt; with `read="reread"` the passages' text
         lies between them, in document order at consecutive positions, and with `read="quote"`
         it is quoted in the prompt just before the question (`question`: where its tokens are)."""
-        separator = self._ids("\n\n")
+        separator = self.text_ids("\n\n")
         kept = session.positions.tolist()
         if self.config.read == "quote":
+            quote = self.quote_ids(session.token_ids, passages, separator)
             inputs = reread_ids(session.token_ids, kept, [], separator) + separator
-            return self.open_session(None, writes=False), inputs + quoted_prompt(
-                prompt_ids, question, self.quote_ids(session.token_ids, passages)
-            )
-        inputs = reread_ids(session.token_ids, kept, passages, separator) + prompt_ids
+            inputs += quoted_prompt(prompt_ids, question, quote)
+        else:
+            inputs = reread_ids(session.token_ids, kept, passages, separator) + prompt_ids
         return self.open_session(None, writes=False), inputs
 
-    def quote_ids(self, token_ids: list[int], passages: list[Passage]) -> list[int]:
+    def quote_ids(self, token_ids: list[int], passages: list[Passage], separator: list[int]) -> list[int]:
         """The passages as the question's turn quotes them: labelled as the document's and the
         question after them labelled too. The labels matter to a small model: without them the
         135M model took the quoted Vim manual for the conversation and went on with it (7 of 18
         needles right against 13 of 18 with them; a scratch comparison, 12k-token documents)."""
-        separator = self._ids("\n\n")
         passages_ids = [token for p in passages for token in [*token_ids[p.start : p.end], *separator]]
-        return self._ids("From the document:\n") + passages_ids + self._ids("Question: ")
+        return self.text_ids("From the document:\n") + passages_ids + self.text_ids("Question: ")
 
-    def _ids(self, text: str) -> list[int]:
+    def text_ids(self, text: str) -> list[int]:
+        """`text`'s token ids as the document's are made: no special tokens."""
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def stream(
