@@ -24,15 +24,18 @@ from memlm.memory.reading import (
     HeadProfile,
     Passage,
     add_votes,
+    document_blocks,
     fuse,
     head_profile,
     lexical_scores,
     new_votes,
     question_search_keys,
+    question_sentences,
     question_span,
     quoted_prompt,
     reread_ids,
     select_passages,
+    term_weights,
 )
 from memlm.memory.recurrent import RecurrentSession
 from memlm.memory.session import MemorySession
@@ -292,6 +295,18 @@ class MemoryLM:
         return select_passages(scores, config.block_len, config.read_blocks, config.read_context,
                                len(session.token_ids), grid=config.sink_len)  # fmt: skip
 
+    def sentences_for(self, token_ids: list[int], passages: list[Passage], question_ids: list[int]) -> list[Passage]:
+        """The sentences of each passage the question needs (`reading.question_sentences`),
+        its words weighed by how rare they are across the whole document."""
+        blocks = document_blocks(np.asarray(token_ids), self.config.block_len, 0, len(token_ids))
+        weights = term_weights(blocks, question_ids)
+        found = []
+        for passage in passages:
+            ids = token_ids[passage.start : passage.end]
+            pieces = [self.tokenizer.decode([token]) for token in ids]
+            found += question_sentences(passage, ids, pieces, weights)
+        return found
+
     def fetch_passages(self, session: MemorySession, passages: list[Passage]) -> dict[int, Blocks]:
         """Every layer's stored blocks that hold the passages' tokens (those still in the local
         window or the sinks are in view already and not in the store)."""
@@ -411,6 +426,8 @@ class MemoryLM:
             session.place_passages(self.fetch_passages(session, evidence))
             return session, prompt_ids, evidence
         # "quote", "reread", or memory in some layers only: the others hold no passage keys.
+        if self.config.read_sentences:
+            evidence = self.sentences_for(session.token_ids, evidence, prompt_ids[question])
         session, inputs = self.reread_session(session, evidence, prompt_ids, question)
         return session, inputs, evidence
 

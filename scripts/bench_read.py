@@ -1,5 +1,6 @@
 """How a question reads memory, side by side on the demo's handbooks: each read (`read`,
-`read_scoring`, `read_blocks`, `read_context`) answers the same questions from one ingest.
+`read_scoring`, `read_blocks`, `read_context`, `read_sentences`) answers the same questions
+from one ingest.
 Reports answers right and evidence recall (the fact's sentence in front of the model, and
 the rank of the passage that brought it) per read, with 95% Wilson intervals.
 
@@ -24,16 +25,17 @@ from memlm.store import FaissStore
 from memlm.memory.reading import token_spans
 from memlm.tasks import Task, handbook
 
-# name: (read, read_scoring, read_blocks, read_context); the first two were the defaults
-# before this benchmark's runs chose the third.
-READS: dict[str, tuple[str, str, int, int]] = {
-    "passages, hybrid, 8 blocks": ("passages", "hybrid", 8, 48),
-    "reread, lexical, 1 block": ("reread", "lexical", 1, 128),
-    "quote, lexical, 1 block (default)": ("quote", "lexical", 1, 128),
-    "quote, lexical, 2 blocks": ("quote", "lexical", 2, 128),
-    "quote, hybrid, 1 block": ("quote", "hybrid", 1, 128),
-    "passages, lexical, 1 block": ("passages", "lexical", 1, 128),
-    "bag (every head its own top-k)": ("bag", "lexical", 1, 128),
+# name: the MemoryConfig settings of a read; the first two were the defaults before this
+# benchmark's runs chose the third.
+READS: dict[str, dict] = {
+    "passages, hybrid, 8 blocks": dict(read="passages", read_scoring="hybrid", read_blocks=8, read_context=48),
+    "quote, lexical, 1 block, whole passage": dict(read="quote", read_sentences=False),
+    "quote, lexical, 1 block, sentences (default)": dict(read="quote"),
+    "quote, lexical, 2 blocks, sentences": dict(read="quote", read_blocks=2),
+    "quote, hybrid, 1 block, sentences": dict(read="quote", read_scoring="hybrid"),
+    "reread, lexical, 1 block, sentences": dict(read="reread"),
+    "passages, lexical, 1 block": dict(read="passages"),
+    "bag (every head its own top-k)": dict(read="bag"),
 }
 # What the model can do with the fact in its window: the plain model given the tokens around
 # the fact's sentence (half before, half after), then the question, through the chat template.
@@ -70,8 +72,8 @@ def main() -> None:
         document, tasks = handbook(args.tokens, seed=seed, num_facts=8)
         lm.ingest(document, "handbook")
         default = lm.config
-        for name, (read, scoring, blocks, context) in tqdm(READS.items(), desc=f"reads, handbook {seed}"):
-            lm.config = replace(default, read=read, read_scoring=scoring, read_blocks=blocks, read_context=context)
+        for name, settings in tqdm(READS.items(), desc=f"reads, handbook {seed}"):
+            lm.config = replace(default, **settings)
             for task in tasks:
                 asked = time.perf_counter()
                 answer, rank, read_it = memory_answer(lm, task, "handbook")
@@ -88,7 +90,7 @@ def main() -> None:
                                       "evidence_rank": 0, "seconds": time.perf_counter() - asked})  # fmt: skip
     summary = {
         name: {
-            "settings": dict(zip(("read", "read_scoring", "read_blocks", "read_context"), READS.get(name, ()))),
+            "settings": {**READS[name]} if name in READS else None,
             "right": accuracy_cell(sum(t["right"] for t in rows), len(rows)),
             "evidence": accuracy_cell(sum(t["evidence_read"] for t in rows), len(rows)),
             "evidence_first": accuracy_cell(sum(t["evidence_rank"] == 0 for t in rows), len(rows)),
@@ -96,9 +98,9 @@ def main() -> None:
         }
         for name, rows in trials.items()
     }
-    print(f"\n{'read':42s} {'right':>24s} {'evidence read':>24s} {'read first':>24s}  s/question")
+    print(f"\n{'read':46s} {'right':>24s} {'evidence read':>24s} {'read first':>24s}  s/question")
     for name, cells in summary.items():
-        print(f"{name:42s} {accuracy_text(cells['right']):>24s} {accuracy_text(cells['evidence']):>24s} "
+        print(f"{name:46s} {accuracy_text(cells['right']):>24s} {accuracy_text(cells['evidence']):>24s} "
               f"{accuracy_text(cells['evidence_first']):>24s}  {cells['seconds_per_question']:.1f}")  # fmt: skip
     header = {**report_header(None, lm.model.dtype), "chat": True}
     report = {**header, "seeds": seeds, "tokens": args.tokens, "seconds": time.perf_counter() - started,

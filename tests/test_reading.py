@@ -20,10 +20,13 @@ from memlm.memory.reading import (
     fuse,
     lexical_scores,
     new_votes,
+    question_sentences,
     question_span,
     quoted_prompt,
     reread_ids,
     select_passages,
+    sentence_starts,
+    term_weights,
     token_spans,
 )
 from memlm.store.base import SearchResult
@@ -127,6 +130,35 @@ def test_reread_ids_keep_document_order_and_mark_the_gaps() -> None:
     assert reread_ids(tokens, kept, passages, separator=[-1]) == [
         1000, 1001, 1002, -1, 1010, 1011, 1012, -1, 1040, 1041, 1042, 1043, -1, 1096, 1097, 1098, 1099,
     ]  # fmt: skip
+
+
+def test_sentences_end_at_full_stops_and_blank_lines_not_at_wrapped_lines() -> None:
+    pieces = ["To", " delete", " a", "\nword", ",", " use", " dw", ".", " Then", " 3", ".5", " is", " a", " number",
+              "!", "\n\n", "Code", ":", "\n", "\n", "\tdd", ".", "\n", "Next"]  # fmt: skip
+    # "3.5" is no full stop (no space after it); a single newline wraps a sentence; "\n\n" and
+    # two newline tokens are blank lines; the white space between sentences ends the first.
+    assert sentence_starts(pieces) == [0, 8, 16, 20, 23]
+
+
+def test_question_sentences_keep_the_matching_ones_and_their_neighbours_as_runs() -> None:
+    pieces = ["A", "."] + [" B", "."] * 9  # ten sentences of two tokens each
+    ids = list(range(100, 120))  # sentence i: positions 50 + 2i and 51 + 2i
+    passage = Passage(50, 70, score=3.0, rank=1)
+    # Sentence 1 holds tokens 102 and 103 (weight 4); sentence 7 holds 114 (2: half of that);
+    # sentence 9 holds 118 (1: less). Sentences 1 and 7 are kept with a neighbour each side.
+    weights = {102: 3.0, 103: 1.0, 114: 2.0, 118: 1.0, 999: 9.0}
+    assert question_sentences(passage, ids, pieces, weights) == [Passage(50, 56, 3.0, 1), Passage(62, 68, 3.0, 1)]
+    # No word of the question in the passage (an attention-chosen one): all of it.
+    assert question_sentences(passage, ids, pieces, {999: 1.0}) == [passage]
+    # The best sentence is the last: nothing comes after it.
+    assert question_sentences(passage, ids, pieces, {118: 1.0}) == [Passage(66, 70, 3.0, 1)]
+
+
+def test_term_weights_favour_words_in_few_blocks() -> None:
+    blocks = np.array([[1, 2, 3], [1, 4, 5], [1, 6, 7], [1, 8, 9]])
+    weights = term_weights(blocks, [1, 4, 42])  # 42 is not in the document
+    assert set(weights) == {1, 4}
+    assert weights[4] > weights[1]
 
 
 def test_quoted_prompt_puts_the_quote_just_before_the_question() -> None:
@@ -253,6 +285,8 @@ def test_the_embedded_model_answers_from_beyond_its_window(embedded_lm) -> None:
             spans = token_spans(embedded_lm.tokenizer, document, task.evidence)
             rank, read = evidence_found(result.evidence, result.in_view, spans)
             assert read and rank is not None, (task.question, spans, result.evidence)  # from memory
+            # The needle's sentence and the one after it, not the ~270 tokens of the passage.
+            assert sum(p.end - p.start for p in result.evidence) < 96, result.evidence
             assert task.score(result.text), (task.question, task.answer, result.text)
     finally:
         embedded_lm.forget("prose")

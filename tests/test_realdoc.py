@@ -43,6 +43,8 @@ def test_every_answer_is_in_the_manual():
         start, end = document.chapters[q.chapter]
         assert task.chapter == q.chapter and start <= task.offset < end, q.question
         assert q.answer in document.text[start:end], q.question
+        # Evidence recall finds the evidence by its first occurrence: it must be the anchor's.
+        assert document.text.find(task.evidence[0]) == task.offset, q.question
     depths = [t.depth for t in tasks]
     assert depths == sorted(depths) and depths[0] < 0.1 and depths[-1] > 0.9  # start to end of the text
 
@@ -56,6 +58,7 @@ def test_questions_file(tmp_path):
     questions = load_questions(path)
     (task,) = build_tasks(RealDocument(text, "inline"), questions)
     assert task.offset == text.index("launch code") and task.chapter is None
+    assert task.evidence == ("launch code of the station is 4711",)
     assert task.score("It is 4711.") and not task.score("1234, or maybe 4711")
 
     path.write_text(json.dumps([{"question": "What is the launch code?"}]))

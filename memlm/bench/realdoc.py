@@ -43,6 +43,7 @@ from memlm.bench.eval import config_lm
 from memlm.bench.report import (
     BENCH_DTYPE,
     accuracy_cell,
+    accuracy_text,
     adapter_names,
     check_names,
     interval_errors,
@@ -295,9 +296,10 @@ def build_tasks(document: RealDocument, questions: list[Question]) -> list[Reald
         if q.answer not in document.text:  # the plain model's window check looks for it as written
             raise ValueError(f"the answer {q.answer!r} of {q.question!r} is not in the document as written")
         offset = start + found.start()
+        # The anchor as the document writes it is the evidence a memory's read must bring.
         tasks.append(RealdocTask(document.text, q.question, q.answer, offset / len(document.text), kind="realdoc",
-                                 distractors=q.distractors, answer_tokens=ANSWER_TOKENS, variants=q.variants,
-                                 chapter=document.chapter_at(offset), offset=offset))  # fmt: skip
+                                 evidence=(found.group(),), distractors=q.distractors, answer_tokens=ANSWER_TOKENS,
+                                 variants=q.variants, chapter=document.chapter_at(offset), offset=offset))  # fmt: skip
     return tasks
 
 
@@ -358,8 +360,10 @@ def evaluate(config: RealdocConfig) -> dict:
     accuracy = {}
     for name in config.configs:
         mine = [t for t in trials if t.config == name]
+        scored = [t for t in mine if t.evidence_read is not None]  # the memory backends that read passages
         accuracy[name] = {**accuracy_cell(sum(t.right for t in mine), len(mine)),
-                          "not_run": sum(t.visible is False for t in mine)}  # fmt: skip
+                          "not_run": sum(t.visible is False for t in mine),
+                          "evidence": accuracy_cell(sum(t.evidence_read for t in scored), len(scored))}  # fmt: skip
     return {
         "document": {"source": document.source, "package": document.package, "version": document.version,
                      "chapters": sorted(document.chapters) or None, "characters": len(document.text),
@@ -390,10 +394,12 @@ def print_table(report: dict) -> None:
     doc = report["document"]
     package = f" [{doc['package']} {doc['version']}]" if doc["package"] else ""
     print(f"\n{doc['source']}{package}: {doc['tokens']} tokens; model window {report['model_window']} tokens")
-    print(f"{'config':<11}{'accuracy':>9}  {'95% Wilson':<13}{'right':>7}{'not run':>9}{'seconds':>9}")
+    print(f"{'config':<11}{'accuracy':>9}  {'95% Wilson':<13}{'right':>7}{'not run':>9}{'seconds':>9}"
+          f"  evidence read (the anchor in front of the model)")  # fmt: skip
     for name, cell in report["accuracy"].items():
+        evidence = accuracy_text(cell["evidence"]) if cell["evidence"]["n"] else "-"
         print(f"{name:<11}{cell['accuracy']:>9.2f}  [{cell['ci95'][0]:.2f}, {cell['ci95'][1]:.2f}]"
-              f"{cell['right']:>5}/{cell['n']:<3}{cell['not_run']:>7}{report['seconds'][name]:>9.0f}")  # fmt: skip
+              f"{cell['right']:>5}/{cell['n']:<3}{cell['not_run']:>7}{report['seconds'][name]:>9.0f}  {evidence}")  # fmt: skip
     configs = report["configs"]
     print(f"\n{'question':<52}{'answer':<15}{'depth':>6}" + "".join(f"{n:>11}" for n in configs))
     for q in report["questions"]:

@@ -22,6 +22,9 @@ each fact answers 7/8). The passage read instead:
    memory's state keeps every token id) runs through the model again there (`reread_ids`);
    with `read="quote"` (the default) their text is quoted in the question's own turn, right
    before the question, after the re-read first tokens and local window (`quoted_prompt`).
+   A text read first trims each passage to the sentences the question needs, with one either
+   side (`question_sentences`): the rest of a ~270-token passage is text a small model
+   answers from instead of the fact.
 """
 
 from __future__ import annotations
@@ -137,27 +140,79 @@ def add_votes(votes: dict[int, float], found: SearchResult, weights: np.ndarray)
             votes[int(start)] += float(weights[head] * share)
 
 
+def document_blocks(token_ids: np.ndarray, block_len: int, start: int, end: int) -> np.ndarray:
+    """The token ids of the whole blocks in [start, end), (blocks, block_len)."""
+    num_blocks = max(0, (end - start) // block_len)
+    return np.asarray(token_ids[start : start + num_blocks * block_len]).reshape(num_blocks, block_len)
+
+
+def term_weights(blocks: np.ndarray, question_ids: Sequence[int]) -> dict[int, float]:
+    """Each of the question's distinct tokens found in `blocks` (blocks, block_len), weighed by
+    its inverse block frequency, log((n + 1) / (df + 0.5)) as BM25 weighs terms: a name that
+    occurs in one block counts far more than "the"."""
+    weights = {}
+    for token in set(question_ids):
+        found = int((blocks == token).any(axis=1).sum())
+        if found:
+            weights[token] = float(np.log((len(blocks) + 1) / (found + 0.5)))
+    return weights
+
+
 def lexical_scores(token_ids: np.ndarray, question_ids: Sequence[int], block_len: int, grid: int, end: int) -> dict[int, float]:
-    """Each stored block's share of the question's words: the sum, over the question's
-    distinct tokens found in the block or its two neighbours, of their inverse block
-    frequency in the document (log((n + 1) / (df + 0.5)), as BM25 weighs terms), so a name
-    that occurs in one block counts far more than "the". The neighbours count because a
+    """Each stored block's share of the question's words: the sum of the `term_weights` of the
+    question's tokens found in the block or its two neighbours. The neighbours count because a
     sentence often straddles two blocks: without them, a block holding the words a question
     shares with every sentence of its kind ("the door code of the ... room") beat the block
     holding the one name that tells them apart. Blocks [grid, end) in steps of block_len;
     only those with a match. The memory keeps every token id: this needs nothing from the store."""
-    num_blocks = max(0, (end - grid) // block_len)
-    blocks = np.asarray(token_ids[grid : grid + num_blocks * block_len]).reshape(num_blocks, block_len)
-    scores = np.zeros(num_blocks)
-    for token in set(question_ids):
+    blocks = document_blocks(token_ids, block_len, grid, end)
+    scores = np.zeros(len(blocks))
+    for token, weight in term_weights(blocks, question_ids).items():
         holds = (blocks == token).any(axis=1)
-        found = int(holds.sum())
-        if found:
-            near = holds.copy()
-            near[1:] |= holds[:-1]
-            near[:-1] |= holds[1:]
-            scores += near * np.log((num_blocks + 1) / (found + 0.5))
+        near = holds.copy()
+        near[1:] |= holds[:-1]
+        near[:-1] |= holds[1:]
+        scores += near * weight
     return {grid + i * block_len: float(scores[i]) for i in np.flatnonzero(scores > 0)}
+
+
+def sentence_starts(pieces: Sequence[str]) -> list[int]:
+    """Where sentences begin in a run of tokens (each token's text, `pieces`): at 0, and at
+    the first token with text after . ! or ? and white space, or after a blank line. A single
+    newline ends none: manuals wrap their sentences over lines. White space between two
+    sentences stays with the first."""
+    starts = [0]
+    before = pieces[0] if pieces else ""
+    for i in range(1, len(pieces)):
+        piece = pieces[i]
+        if piece.strip():
+            gap = before[len(before.rstrip()) :] + piece[: len(piece) - len(piece.lstrip())]
+            full_stop = before.rstrip().endswith((".", "!", "?")) and gap != ""
+            if full_stop or gap.count("\n") >= 2:
+                starts.append(i)
+        before = (before + piece)[-32:]  # enough to see the white space and the stop before a token
+    return starts
+
+
+def question_sentences(
+    passage: Passage, passage_ids: Sequence[int], pieces: Sequence[str], weights: dict[int, float]
+) -> list[Passage]:
+    """The sentences of `passage` (its token ids and their texts, `pieces`) that a question
+    with these `term_weights` needs: those holding at least half the weight of the best one,
+    with the sentence before and the one after each (an answer often lies next to the sentence
+    that names its subject: "There is a special command for this: :wnext", ":only  This closes
+    all windows ..."); as runs of consecutive sentences, each a Passage with the passage's
+    score and rank. The whole passage when no sentence holds a word of the question."""
+    starts = sentence_starts(pieces)
+    bounds = list(zip(starts, [*starts[1:], len(pieces)]))
+    held = [sum(weights.get(token, 0.0) for token in set(passage_ids[a:b])) for a, b in bounds]
+    best = max(held)
+    if best <= 0:
+        return [passage]
+    matching = [i for i, weight in enumerate(held) if weight >= best / 2]
+    kept = sorted({near for i in matching for near in (i - 1, i, i + 1) if 0 <= near < len(bounds)})
+    positions = [passage.start + t for i in kept for t in range(*bounds[i])]
+    return [Passage(start, end, passage.score, passage.rank) for start, end in runs(positions)]
 
 
 def fuse(rankings: Sequence[dict[int, float]], k: int = 60) -> dict[int, float]:
