@@ -137,10 +137,10 @@ def test_sentences_end_at_full_stops_and_blank_lines_not_at_wrapped_lines() -> N
               "!", "\n\n", "Code", ":", "\n", "\n", "\tdd", ".", "\n", "Next"]  # fmt: skip
     # "3.5" is no full stop (no space after it); a single newline wraps a sentence; "\n\n" and
     # two newline tokens are blank lines; the white space between sentences ends the first.
-    assert sentence_starts(pieces) == [0, 8, 16, 20, 23]
+    assert sentence_starts(pieces) == ([0, 8, 16, 20, 23], {0, 16, 20})
 
 
-def test_question_sentences_keep_the_matching_ones_and_their_neighbours_as_runs() -> None:
+def test_question_sentences_keep_the_matching_ones_and_their_neighbours_in_the_paragraph() -> None:
     pieces = ["A", "."] + [" B", "."] * 9  # ten sentences of two tokens each
     ids = list(range(100, 120))  # sentence i: positions 50 + 2i and 51 + 2i
     passage = Passage(50, 70, score=3.0, rank=1)
@@ -152,6 +152,11 @@ def test_question_sentences_keep_the_matching_ones_and_their_neighbours_as_runs(
     assert question_sentences(passage, ids, pieces, {999: 1.0}) == [passage]
     # The best sentence is the last: nothing comes after it.
     assert question_sentences(passage, ids, pieces, {118: 1.0}) == [Passage(66, 70, 3.0, 1)]
+    # Neighbours stay within the paragraph: a blank line before sentence 7 and after it.
+    pieces[13], pieces[15] = ".\n\n", ".\n\n"
+    assert question_sentences(passage, ids, pieces, {114: 1.0}) == [Passage(64, 66, 3.0, 1)]
+    pieces[15] = "."
+    assert question_sentences(passage, ids, pieces, {114: 1.0}) == [Passage(64, 68, 3.0, 1)]
 
 
 def test_term_weights_favour_words_in_few_blocks() -> None:

@@ -23,8 +23,8 @@ each fact answers 7/8). The passage read instead:
    with `read="quote"` (the default) their text is quoted in the question's own turn, right
    before the question, after the re-read first tokens and local window (`quoted_prompt`).
    A text read first trims each passage to the sentences the question needs, with one either
-   side (`question_sentences`): the rest of a ~270-token passage is text a small model
-   answers from instead of the fact.
+   side within their paragraph (`question_sentences`): the rest of a ~270-token passage is
+   text a small model answers from instead of the fact.
 """
 
 from __future__ import annotations
@@ -176,22 +176,25 @@ def lexical_scores(token_ids: np.ndarray, question_ids: Sequence[int], block_len
     return {grid + i * block_len: float(scores[i]) for i in np.flatnonzero(scores > 0)}
 
 
-def sentence_starts(pieces: Sequence[str]) -> list[int]:
-    """Where sentences begin in a run of tokens (each token's text, `pieces`): at 0, and at
-    the first token with text after . ! or ? and white space, or after a blank line. A single
-    newline ends none: manuals wrap their sentences over lines. White space between two
-    sentences stays with the first."""
-    starts = [0]
+def sentence_starts(pieces: Sequence[str]) -> tuple[list[int], set[int]]:
+    """Where sentences begin in a run of tokens (each token's text, `pieces`), and which of
+    them also begin a paragraph. A sentence begins at 0, and at the first token with text
+    after . ! or ? and white space, or after a blank line (which begins a paragraph too). A
+    single newline ends none: manuals wrap their sentences over lines. White space between
+    two sentences stays with the first."""
+    starts, paragraphs = [0], {0}
     before = pieces[0] if pieces else ""
     for i in range(1, len(pieces)):
         piece = pieces[i]
         if piece.strip():
             gap = before[len(before.rstrip()) :] + piece[: len(piece) - len(piece.lstrip())]
-            full_stop = before.rstrip().endswith((".", "!", "?")) and gap != ""
-            if full_stop or gap.count("\n") >= 2:
+            blank_line = gap.count("\n") >= 2
+            if blank_line or (before.rstrip().endswith((".", "!", "?")) and gap != ""):
                 starts.append(i)
+            if blank_line:
+                paragraphs.add(i)
         before = (before + piece)[-32:]  # enough to see the white space and the stop before a token
-    return starts
+    return starts, paragraphs
 
 
 def question_sentences(
@@ -199,19 +202,28 @@ def question_sentences(
 ) -> list[Passage]:
     """The sentences of `passage` (its token ids and their texts, `pieces`) that a question
     with these `term_weights` needs: those holding at least half the weight of the best one,
-    with the sentence before and the one after each (an answer often lies next to the sentence
-    that names its subject: "There is a special command for this: :wnext", ":only  This closes
-    all windows ..."); as runs of consecutive sentences, each a Passage with the passage's
-    score and rank. The whole passage when no sentence holds a word of the question."""
-    starts = sentence_starts(pieces)
+    each with the sentence before and the one after it in its paragraph (an answer often lies
+    next to the sentence that names its subject: "There is a special command for this:
+    :wnext"); as runs of consecutive sentences, each a Passage with the passage's score and
+    rank. The whole passage when no sentence holds a word of the question. Neighbours stop at
+    a blank line: across one, they are about something else, and a small model answered from
+    them ("The OLE mechanism will use the first registered Vim it finds." for the city the
+    needle before it named)."""
+    starts, paragraphs = sentence_starts(pieces)
     bounds = list(zip(starts, [*starts[1:], len(pieces)]))
     held = [sum(weights.get(token, 0.0) for token in set(passage_ids[a:b])) for a, b in bounds]
     best = max(held)
     if best <= 0:
         return [passage]
-    matching = [i for i, weight in enumerate(held) if weight >= best / 2]
-    kept = sorted({near for i in matching for near in (i - 1, i, i + 1) if 0 <= near < len(bounds)})
-    positions = [passage.start + t for i in kept for t in range(*bounds[i])]
+    kept = set()
+    for i, weight in enumerate(held):
+        if weight >= best / 2:
+            kept.add(i)
+            if starts[i] not in paragraphs:
+                kept.add(i - 1)
+            if i + 1 < len(bounds) and starts[i + 1] not in paragraphs:
+                kept.add(i + 1)
+    positions = [passage.start + t for i in sorted(kept) for t in range(*bounds[i])]
     return [Passage(start, end, passage.score, passage.rank) for start, end in runs(positions)]
 
 
