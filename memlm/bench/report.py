@@ -93,9 +93,11 @@ def accuracy_text(cell: dict) -> str:
 
 def interval_errors(cells: Sequence[dict], means: Sequence[float]) -> list[list[float]]:
     """[below, above]: matplotlib's `yerr` that draws each cell's Wilson interval around its
-    plotted mean (none for a cell where nothing was asked)."""
-    below = [mean - cell["ci95"][0] if cell["n"] else 0 for mean, cell in zip(means, cells)]
-    above = [cell["ci95"][1] - mean if cell["n"] else 0 for mean, cell in zip(means, cells)]
+    plotted mean (none for a cell where nothing was asked). Clipped at 0: at n of n right,
+    Wilson's upper bound comes out a rounding error below 1.0, and matplotlib refuses a
+    negative error."""
+    below = [max(0.0, mean - cell["ci95"][0]) if cell["n"] else 0 for mean, cell in zip(means, cells)]
+    above = [max(0.0, cell["ci95"][1] - mean) if cell["n"] else 0 for mean, cell in zip(means, cells)]
     return [below, above]
 
 
