@@ -290,7 +290,7 @@ def test_the_embedded_model_answers_from_beyond_its_window(embedded_lm) -> None:
             spans = token_spans(embedded_lm.tokenizer, document, task.evidence)
             rank, read = evidence_found(result.evidence, result.in_view, spans)
             assert read and rank is not None, (task.question, spans, result.evidence)  # from memory
-            # The needle's sentence and the one after it, not the ~270 tokens of the passage.
+            # The needle's sentence (its own paragraph), not the ~270 tokens of the passage.
             assert sum(p.end - p.start for p in result.evidence) < 96, result.evidence
             assert task.score(result.text), (task.question, task.answer, result.text)
     finally:
