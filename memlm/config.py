@@ -64,9 +64,9 @@ class MemoryConfig:
     # Passage read: blocks each (layer, query head) votes for (attention scoring).
     read_top_k: int = 32
     # How the passage read ranks blocks: "lexical" (the question's rare words in the blocks'
-    # token ids, the default: it put the fact first for 24 of 24 handbook questions, fused
-    # with the heads' votes for 16 of 24), "attention" (the retrieval heads' votes) or
-    # "hybrid" (both, by reciprocal rank fusion).
+    # text, the default: it put the fact first for 24 of 24 handbook questions, fused with the
+    # heads' votes for 16 of 24; the votes when no word of the question is in the memory),
+    # "attention" (the retrieval heads' votes) or "hybrid" (both, by reciprocal rank fusion).
     read_scoring: ReadScoring = "lexical"
     # Blocks read, and the tokens of context kept on either side of each: one passage of
     # ~270 tokens. Eight passages of 48 tokens' context put eight look-alike facts in front

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -23,8 +23,8 @@ from memlm.memory.base import Logits, Retrieval, Session
 from memlm.memory.reading import (
     HeadProfile,
     Passage,
+    Words,
     add_votes,
-    document_blocks,
     fuse,
     head_profile,
     lexical_scores,
@@ -100,6 +100,7 @@ class MemoryLM:
         self.head_profile = head_profile(model.name_or_path, self.shape.num_layers, self.shape.num_heads)
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self._token_texts: dict[int, str] = {}  # `token_texts`' decoded tokens
 
     @classmethod
     def load(
@@ -270,12 +271,21 @@ class MemoryLM:
         return found
 
     def read_passages(self, session: MemorySession, prompt_ids: list[int], question: slice) -> list[Passage]:
-        """The passage read's selection (memlm/memory/reading.py): the retrieval heads' votes
-        from the question's search in every layer with one, the question's rare words in the
-        blocks' token ids, or both fused (`read_scoring`); then the passages."""
+        """The passage read's selection (memlm/memory/reading.py): the question's rare words in
+        the blocks' text, the retrieval heads' votes from the question's search in every layer
+        with one, or both fused (`read_scoring`); then the passages."""
         config = self.config
         rankings = []
-        if config.read_scoring != "lexical":
+        if config.read_scoring != "attention":
+            # The blocks the store still holds: the newest ones before the local window (FIFO).
+            in_window = session.positions[session.sink_count :]
+            window_start = int(in_window[0]) if len(in_window) else len(session.token_ids)
+            held = min(self.store.stats(session.memory).blocks_per_layer.values(), default=0)
+            oldest = max(config.sink_len, window_start - held * config.block_len)
+            rankings.append(lexical_scores(self.words(session.token_ids), self.words(prompt_ids[question]).text,
+                                           config.block_len, oldest, window_start))  # fmt: skip
+        # "lexical" falls back on the votes when no word of the question is in the memory.
+        if config.read_scoring != "lexical" or not rankings[0]:
             weights = self.head_profile.weights
             voting = [layer for layer in range(len(weights)) if weights[layer].any()]
             votes = new_votes()
@@ -283,14 +293,6 @@ class MemoryLM:
                 if found.k:
                     add_votes(votes, found, weights[layer])
             rankings.append(votes)
-        if config.read_scoring != "attention":
-            # The blocks the store still holds: the newest ones before the local window (FIFO).
-            in_window = session.positions[session.sink_count :]
-            window_start = int(in_window[0]) if len(in_window) else len(session.token_ids)
-            held = min(self.store.stats(session.memory).blocks_per_layer.values(), default=0)
-            oldest = max(config.sink_len, window_start - held * config.block_len)
-            rankings.append(lexical_scores(np.asarray(session.token_ids), prompt_ids[question], config.block_len,
-                                           oldest, window_start))  # fmt: skip
         scores = fuse(rankings) if len(rankings) > 1 else rankings[0]
         return select_passages(scores, config.block_len, config.read_blocks, config.read_context,
                                len(session.token_ids), grid=config.sink_len)  # fmt: skip
@@ -298,14 +300,24 @@ class MemoryLM:
     def sentences_for(self, token_ids: list[int], passages: list[Passage], question_ids: list[int]) -> list[Passage]:
         """The sentences of each passage the question needs (`reading.question_sentences`),
         its words weighed by how rare they are across the whole document."""
-        blocks = document_blocks(np.asarray(token_ids), self.config.block_len, 0, len(token_ids))
-        weights = term_weights(blocks, question_ids)
+        question = self.words(question_ids).text
+        weights = term_weights(self.words(token_ids).holding(question, self.config.block_len, 0, len(token_ids)))
         found = []
         for passage in passages:
-            ids = token_ids[passage.start : passage.end]
-            pieces = [self.tokenizer.decode([token]) for token in ids]
-            found += question_sentences(passage, ids, pieces, weights)
+            found += question_sentences(passage, self.token_texts(token_ids[passage.start : passage.end]), weights)
         return found
+
+    def words(self, token_ids: Sequence[int]) -> Words:
+        """The words of a run of tokens (`reading.Words`), positions counted from its first."""
+        return Words.of(self.token_texts(token_ids))
+
+    def token_texts(self, token_ids: Sequence[int]) -> list[str]:
+        """Each token's own text, decoded once per distinct token and kept: a 128k-token
+        document holds some 10k distinct tokens."""
+        texts = self._token_texts
+        for token in set(token_ids) - texts.keys():
+            texts[token] = self.tokenizer.decode([token])
+        return [texts[token] for token in token_ids]
 
     def fetch_passages(self, session: MemorySession, passages: list[Passage]) -> dict[int, Blocks]:
         """Every layer's stored blocks that hold the passages' tokens (those still in the local

@@ -55,7 +55,7 @@ class TinyTokenizer:
         return encoded
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return "".join(chr(65 + i % 26) for i in ids)
+        return "".join(map(chr, ids))  # ASCII text comes back as it went in
 
 
 def tiny_lm(family: str = "llama", store=None, seed: int = 0, **settings) -> MemoryLM:

@@ -12,7 +12,7 @@ each fact answers 7/8). The passage read instead:
 2. *scores* blocks: per layer and query head, the question's summed query searches the
    memory's blocks and each head's top blocks get votes weighted by how reliably that head
    finds evidence (`HeadProfile`, measured by `memlm calibrate heads`) and by rank; the
-   question's rare words in each block's token ids score them too (`lexical_scores`), and
+   question's rare words in each block's text score them too (`lexical_scores`, on `Words`), and
    the two rankings are fused (`fuse`; `read_scoring` picks either alone);
 3. *selects* one set of passages for the whole model (`select_passages`): the best blocks,
    widened by their neighbours to whole blocks, merged, in document order;
@@ -30,8 +30,9 @@ each fact answers 7/8). The passage read instead:
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,35 +141,68 @@ def add_votes(votes: dict[int, float], found: SearchResult, weights: np.ndarray)
             votes[int(start)] += float(weights[head] * share)
 
 
-def document_blocks(token_ids: np.ndarray, block_len: int, start: int, end: int) -> np.ndarray:
-    """The token ids of the whole blocks in [start, end), (blocks, block_len)."""
-    num_blocks = max(0, (end - start) // block_len)
-    return np.asarray(token_ids[start : start + num_blocks * block_len]).reshape(num_blocks, block_len)
+WORD = re.compile(r"(\W*)(\w+)")  # the gap before a word, and the word: letters, digits, _ in any script
 
 
-def term_weights(blocks: np.ndarray, question_ids: Sequence[int]) -> dict[int, float]:
-    """Each of the question's distinct tokens found in `blocks` (blocks, block_len), weighed by
-    its inverse block frequency, log((n + 1) / (df + 0.5)) as BM25 weighs terms: a name that
+@dataclass(frozen=True)
+class Words:
+    """The words of a run of tokens, in lower case, each at the position of its first token:
+    what a question's words are matched against. A word is a run of letters, digits or _,
+    however the tokenizer split it: a name opening a paragraph is "B" + "ram" to the embedded
+    model's tokenizer and " Bram" elsewhere, and matched on token ids the question "Bram
+    Ivanova" found only the surname, in another needle (the wrong answer at 128k)."""
+
+    text: np.ndarray  # (words,) str
+    starts: np.ndarray  # (words,) int64, the token position where each word begins
+
+    @classmethod
+    def of(cls, pieces: Sequence[str], offset: int = 0) -> Words:
+        """The words of tokens whose texts are `pieces`, the first at position `offset`."""
+        # findall, not finditer: a 128k-token document has ~90k words, and a match object each took 0.3 s.
+        gaps_and_words = WORD.findall("".join(pieces))
+        gaps = np.fromiter((len(gap) for gap, _ in gaps_and_words), dtype=np.int64, count=len(gaps_and_words))
+        lengths = np.fromiter((len(word) for _, word in gaps_and_words), dtype=np.int64, count=len(gaps_and_words))
+        first_chars = np.cumsum(gaps + lengths) - lengths
+        token_ends = np.cumsum([len(piece) for piece in pieces])
+        starts = np.searchsorted(token_ends, first_chars, side="right") + offset
+        return cls(np.array([word.lower() for _, word in gaps_and_words], dtype=str), starts.astype(np.int64))
+
+    def holding(self, words: Iterable[str], block_len: int, start: int, end: int) -> dict[str, np.ndarray]:
+        """For each of `words`, which of the whole blocks of [start, end) (block_len tokens
+        each, in order) hold it: (blocks,) bool."""
+        num_blocks = max(0, (end - start) // block_len)
+        inside = (self.starts >= start) & (self.starts < start + num_blocks * block_len)
+        holds = {}
+        for word in set(words):
+            blocks = (self.starts[inside & (self.text == word)] - start) // block_len
+            holds[word] = np.zeros(num_blocks, dtype=bool)
+            holds[word][blocks] = True
+        return holds
+
+
+
+def term_weights(holding: dict[str, np.ndarray]) -> dict[str, float]:
+    """Each of the question's words found in the blocks (`Words.holding`), weighed by its
+    inverse block frequency, log((n + 1) / (df + 0.5)) as BM25 weighs terms: a name that
     occurs in one block counts far more than "the"."""
     weights = {}
-    for token in set(question_ids):
-        found = int((blocks == token).any(axis=1).sum())
-        if found:
-            weights[token] = float(np.log((len(blocks) + 1) / (found + 0.5)))
+    for word, holds in holding.items():
+        if holds.any():
+            weights[word] = float(np.log((len(holds) + 1) / (holds.sum() + 0.5)))
     return weights
 
 
-def lexical_scores(token_ids: np.ndarray, question_ids: Sequence[int], block_len: int, grid: int, end: int) -> dict[int, float]:
-    """Each stored block's share of the question's words: the sum of the `term_weights` of the
-    question's tokens found in the block or its two neighbours. The neighbours count because a
-    sentence often straddles two blocks: without them, a block holding the words a question
-    shares with every sentence of its kind ("the door code of the ... room") beat the block
-    holding the one name that tells them apart. Blocks [grid, end) in steps of block_len;
-    only those with a match. The memory keeps every token id: this needs nothing from the store."""
-    blocks = document_blocks(token_ids, block_len, grid, end)
-    scores = np.zeros(len(blocks))
-    for token, weight in term_weights(blocks, question_ids).items():
-        holds = (blocks == token).any(axis=1)
+def lexical_scores(words: Words, question: Sequence[str], block_len: int, grid: int, end: int) -> dict[int, float]:
+    """Each stored block's share of the `question`'s words: the sum of the `term_weights` of
+    those found in the block or its two neighbours. The neighbours count because a sentence
+    often straddles two blocks: without them, a block holding the words a question shares
+    with every sentence of its kind ("the door code of the ... room") beat the block holding
+    the one name that tells them apart. Blocks [grid, end) in steps of block_len; only those
+    with a match. The memory keeps every token id: this needs nothing from the store."""
+    holding = words.holding(question, block_len, grid, end)
+    scores = np.zeros(max(0, (end - grid) // block_len))
+    for word, weight in term_weights(holding).items():
+        holds = holding[word]
         near = holds.copy()
         near[1:] |= holds[:-1]
         near[:-1] |= holds[1:]
@@ -197,10 +231,8 @@ def sentence_starts(pieces: Sequence[str]) -> tuple[list[int], set[int]]:
     return starts, paragraphs
 
 
-def question_sentences(
-    passage: Passage, passage_ids: Sequence[int], pieces: Sequence[str], weights: dict[int, float]
-) -> list[Passage]:
-    """The sentences of `passage` (its token ids and their texts, `pieces`) that a question
+def question_sentences(passage: Passage, pieces: Sequence[str], weights: dict[str, float]) -> list[Passage]:
+    """The sentences of `passage` (its tokens' texts, `pieces`) that a question
     with these `term_weights` needs: those holding at least half the weight of the best one,
     each with the sentence before and the one after it in its paragraph (an answer often lies
     next to the sentence that names its subject: "There is a special command for this:
@@ -211,7 +243,8 @@ def question_sentences(
     needle before it named)."""
     starts, paragraphs = sentence_starts(pieces)
     bounds = list(zip(starts, [*starts[1:], len(pieces)]))
-    held = [sum(weights.get(token, 0.0) for token in set(passage_ids[a:b])) for a, b in bounds]
+    words = Words.of(pieces)
+    held = [sum(weights.get(word, 0.0) for word in set(words.text[(words.starts >= a) & (words.starts < b)])) for a, b in bounds]
     best = max(held)
     if best <= 0:
         return [passage]
