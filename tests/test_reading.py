@@ -209,21 +209,42 @@ def test_a_reread_is_the_stock_model_over_the_passages_and_the_prompt(read: str)
     kept = lm.store.load_state("doc")["window_positions"].tolist()
     if read == "reread":
         expected_inputs = reread_ids(document, kept, passages, separator) + prompt
-    else:
+        before = []
+    else:  # the session has read the sinks and the window already (`prefix_session`)
         quote = lm.tokenizer("From the document:\n")["input_ids"]
         quote += [t for p in passages for t in document[p.start : p.end] + separator]
         quote += lm.tokenizer("Question: ")["input_ids"]
-        expected_inputs = reread_ids(document, kept, [], separator) + separator + prompt[:2] + quote + prompt[2:]
+        expected_inputs = prompt[:2] + quote + prompt[2:]
+        before = reread_ids(document, kept, [], separator) + separator
     assert inputs == expected_inputs
-    assert len(inputs) < 400  # a selection, not the document
+    assert len(before + inputs) < 400  # a selection, not the document
     got = lm.forward(reread, inputs, logits="all")
     with torch.no_grad():
-        expected = tiny_model()(torch.tensor([inputs])).logits[0]
+        expected = tiny_model()(torch.tensor([before + inputs])).logits[0, len(before) :]
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     # And a generation reads exactly these passages.
     plain_prompt = lm.prompt_ids("what now", chat=False)
     expected_passages = lm.read_passages(lm.open_session("doc", writes=False), plain_prompt, slice(0, len(plain_prompt)))
     assert lm.generate_full("what now", memory="doc", chat=False, max_new_tokens=1).evidence == expected_passages
+
+
+def test_questions_share_the_quote_reads_prefix_and_leave_it_as_it_was() -> None:
+    """The quote read re-reads the sinks and the window once per memory state: later questions
+    read on in a fork of the kept session, which what they read never reaches; the answers
+    are those of a fresh re-read, and an ingest that moves the window makes a new prefix."""
+    lm = tiny_lm(segment_len=32, sink_len=4, local_len=32, block_len=4, read_scoring="hybrid")
+    lm.ingest_tokens(random_ids(400, 2), "doc", progress=False)
+    first = lm.generate_full("what now", memory="doc", chat=False, max_new_tokens=8)
+    (kept,) = lm._prefixes.values()
+    end, keys = kept.window_end, [window.cache_keys for window in kept.windows]
+    assert lm.generate_full("what now", memory="doc", chat=False, max_new_tokens=8).token_ids == first.token_ids
+    assert list(lm._prefixes.values()) == [kept]
+    assert kept.window_end == end and all(window.cache_keys is k for window, k in zip(kept.windows, keys))
+    lm._prefixes.clear()
+    assert lm.generate_full("what now", memory="doc", chat=False, max_new_tokens=8).token_ids == first.token_ids
+    lm.ingest_tokens(random_ids(50, 3), "doc", progress=False)
+    lm.generate_full("what now", memory="doc", chat=False, max_new_tokens=1)
+    assert len(lm._prefixes) == 2
 
 
 def test_stored_passages_sit_at_consecutive_positions_in_document_order() -> None:

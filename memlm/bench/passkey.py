@@ -145,6 +145,9 @@ def throughput(lm: MemoryLM, length: int, repeats: int = 2) -> dict:
     decodes = [(decode_ms("bench-full"), decode_ms(None)) for _ in range(repeats)]
     full_ms, empty_ms = min(d[0] for d in decodes), min(d[1] for d in decodes)
     default_read = MemoryConfig().read  # against the per-head read, the default before the passage reads
+    # The first question after an ingest re-reads the sinks and window as text for the quote
+    # read (`MemoryLM.prefix_session`); later ones start from that.
+    first_question_s = first_token_s(default_read)
     first_tokens = [(first_token_s(default_read), first_token_s("bag")) for _ in range(repeats)]
     read_s, bag_s = min(f[0] for f in first_tokens), min(f[1] for f in first_tokens)
     stats = lm.store.stats("bench-full")
@@ -160,6 +163,7 @@ def throughput(lm: MemoryLM, length: int, repeats: int = 2) -> dict:
         "decode_ratio": full_ms / empty_ms,
         "first_token_read": default_read,
         "first_token_s_read": read_s,
+        "first_token_s_read_first_question": first_question_s,
         "first_token_s_bag": bag_s,
         "first_token_ratio": read_s / bag_s,
         "memory_tokens": stats.tokens,
@@ -242,7 +246,8 @@ def print_table(report: dict) -> None:
     )
     if "first_token_s_read" in s:
         print(f"time to first token: {s['first_token_read']!r} read {s['first_token_s_read']:.2f} s vs per-head read "
-              f"{s['first_token_s_bag']:.2f} s (ratio {s['first_token_ratio']:.2f})")
+              f"{s['first_token_s_bag']:.2f} s (ratio {s['first_token_ratio']:.2f}); the first question after the "
+              f"ingest {s['first_token_s_read_first_question']:.2f} s")
 
 
 def plot(report: dict, path: Path) -> None:

@@ -15,6 +15,7 @@ and in the store alike, and rotated to whatever position the layout gives them a
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -182,6 +183,15 @@ class MemorySession:
         self.positions = torch.cat([self.positions[:sinks], read, self.positions[sinks:]])
         self.has_memory = False  # nothing more to read: the layout packs the positions
         self.reset_layout()
+
+    def fork(self) -> MemorySession:
+        """A copy that reads on from here while this one stays as it is. A reading session's
+        forward passes rebind its window's tensors (torch.cat), never write into them, so the
+        two share them."""
+        forked = copy.copy(self)
+        forked.windows = [copy.copy(window) for window in self.windows]
+        forked.retrieved, forked.question_queries = {}, {}
+        return forked
 
     # -- forward passes -------------------------------------------------------------------
 
