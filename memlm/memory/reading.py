@@ -156,15 +156,15 @@ class Words:
     starts: np.ndarray  # (words,) int64, the token position where each word begins
 
     @classmethod
-    def of(cls, pieces: Sequence[str], offset: int = 0) -> Words:
-        """The words of tokens whose texts are `pieces`, the first at position `offset`."""
+    def of(cls, pieces: Sequence[str]) -> Words:
+        """The words of tokens whose texts are `pieces`, positions counted from the first."""
         # findall, not finditer: a 128k-token document has ~90k words, and a match object each took 0.3 s.
         gaps_and_words = WORD.findall("".join(pieces))
         gaps = np.fromiter((len(gap) for gap, _ in gaps_and_words), dtype=np.int64, count=len(gaps_and_words))
         lengths = np.fromiter((len(word) for _, word in gaps_and_words), dtype=np.int64, count=len(gaps_and_words))
         first_chars = np.cumsum(gaps + lengths) - lengths
         token_ends = np.cumsum([len(piece) for piece in pieces])
-        starts = np.searchsorted(token_ends, first_chars, side="right") + offset
+        starts = np.searchsorted(token_ends, first_chars, side="right")
         return cls(np.array([word.lower() for _, word in gaps_and_words], dtype=str), starts.astype(np.int64))
 
     def holding(self, words: Iterable[str], block_len: int, start: int, end: int) -> dict[str, np.ndarray]:
@@ -178,7 +178,6 @@ class Words:
             holds[word] = np.zeros(num_blocks, dtype=bool)
             holds[word][blocks] = True
         return holds
-
 
 
 def term_weights(holding: dict[str, np.ndarray]) -> dict[str, float]:
@@ -244,7 +243,8 @@ def question_sentences(passage: Passage, pieces: Sequence[str], weights: dict[st
     starts, paragraphs = sentence_starts(pieces)
     bounds = list(zip(starts, [*starts[1:], len(pieces)]))
     words = Words.of(pieces)
-    held = [sum(weights.get(word, 0.0) for word in set(words.text[(words.starts >= a) & (words.starts < b)])) for a, b in bounds]
+    in_sentence = [set(words.text[(words.starts >= a) & (words.starts < b)]) for a, b in bounds]
+    held = [sum(weights.get(word, 0.0) for word in found) for found in in_sentence]
     best = max(held)
     if best <= 0:
         return [passage]
