@@ -237,6 +237,11 @@ class MemoryLM:
             except BaseException:
                 self.store.rollback(memory)
                 raise
+        if self.config.read == "quote" and session.has_memory:
+            # Every question's quote read starts from the document's first tokens and local
+            # window re-read as text: read them now, once per ingest (0.7 s at 32k, ~1% of the
+            # ingest), not in the first question's time to first token (1.02 s against 0.29 s).
+            self.prefix_session(self.quote_prefix_ids(session))
         return IngestStats(
             memory=memory,
             tokens=len(token_ids),
@@ -290,8 +295,11 @@ class MemoryLM:
             window_start = int(in_window[0]) if len(in_window) else len(session.token_ids)
             held = min(self.store.stats(session.memory).blocks_per_layer.values(), default=0)
             oldest = max(config.sink_len, window_start - held * config.block_len)
+            # The quote read also quotes from the local window: the model answered 0.76 of the
+            # facts in the store but missed those in the window, 512 tokens from the question.
+            end = len(session.token_ids) if config.read == "quote" else window_start
             rankings.append(lexical_scores(self.words(session.token_ids), self.words(prompt_ids[question]).text,
-                                           config.block_len, oldest, window_start))  # fmt: skip
+                                           config.block_len, oldest, end))  # fmt: skip
         # "lexical" falls back on the votes when no word of the question is in the memory.
         if config.read_scoring != "lexical" or not rankings[0]:
             weights = self.head_profile.weights
@@ -344,13 +352,17 @@ class MemoryLM:
         quoted in the prompt just before the question (`question`: where its tokens are), and
         the session has read what comes before the prompt already (`prefix_session`)."""
         separator = self.text_ids("\n\n")
-        kept = session.positions.tolist()
         if self.config.read == "quote":
             quote = self.quote_ids(session.token_ids, passages, separator)
-            prefix = reread_ids(session.token_ids, kept, [], separator) + separator
-            return self.prefix_session(prefix), quoted_prompt(prompt_ids, question, quote)
-        inputs = reread_ids(session.token_ids, kept, passages, separator) + prompt_ids
+            return self.prefix_session(self.quote_prefix_ids(session)), quoted_prompt(prompt_ids, question, quote)
+        inputs = reread_ids(session.token_ids, session.positions.tolist(), passages, separator) + prompt_ids
         return self.open_session(None, writes=False), inputs
+
+    def quote_prefix_ids(self, session: MemorySession) -> list[int]:
+        """What the quote read re-reads before the prompt: the document's first tokens and its
+        local window as text, each followed by a paragraph break."""
+        separator = self.text_ids("\n\n")
+        return reread_ids(session.token_ids, session.positions.tolist(), [], separator) + separator
 
     def prefix_session(self, prefix_ids: list[int]) -> MemorySession:
         """A fresh session (no memory) that has read `prefix_ids`: for the quote read, the

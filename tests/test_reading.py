@@ -139,6 +139,25 @@ def test_the_lexical_read_only_chooses_blocks_the_store_still_holds() -> None:
     assert result.evidence and all(p.start >= held.min() for p in result.evidence)  # nothing from the evicted start
 
 
+def test_the_quote_read_quotes_a_fact_in_the_local_window_too() -> None:
+    """A fact in the local window is in view, but the embedded model, 512 tokens away from it,
+    answered 1 of 12 such questions (eval_words): the quote read quotes it before the question
+    as it quotes a stored one. The passages read places stored keys; the window's are in view."""
+    document = [1] * 40 + [97, 98, 99] + [2] * 300 + [50, 51, 52] + [2] * 10  # "abc" stored, "234" in the window
+    for read in ("quote", "passages"):
+        lm = tiny_lm(segment_len=32, sink_len=4, local_len=32, block_len=4, read=read, read_scoring="lexical",
+                     read_context=0)  # fmt: skip
+        lm.ingest_tokens(document, "doc", progress=False)
+        session = lm.open_session("doc", writes=False)
+        window_start = int(session.positions[session.sink_count])
+        assert window_start < 343
+        result = lm.generate_full("234", memory="doc", chat=False, max_new_tokens=1)
+        if read == "quote":  # the word's block or its neighbour (they score alike): the window's
+            assert result.evidence and all(p.start >= window_start for p in result.evidence)
+        else:  # no stored block holds the word: the heads' votes choose stored ones
+            assert result.evidence and all(p.end <= window_start for p in result.evidence)
+
+
 def test_reread_ids_keep_document_order_and_mark_the_gaps() -> None:
     tokens = list(range(1000, 1100))
     passages = [Passage(40, 44, 1.0, 1), Passage(10, 13, 2.0, 0)]
@@ -229,20 +248,23 @@ def test_a_reread_is_the_stock_model_over_the_passages_and_the_prompt(read: str)
 
 
 def test_questions_share_the_quote_reads_prefix_and_leave_it_as_it_was() -> None:
-    """The quote read re-reads the sinks and the window once per memory state: later questions
-    read on in a fork of the kept session, which what they read never reaches; the answers
-    are those of a fresh re-read, and an ingest that moves the window makes a new prefix."""
+    """The quote read re-reads the sinks and the window once per memory state, at the end of
+    the ingest: questions read on in a fork of the kept session, which what they read never
+    reaches; the answers are those of a fresh re-read, and an ingest that moves the window
+    makes a new prefix."""
     lm = tiny_lm(segment_len=32, sink_len=4, local_len=32, block_len=4, read_scoring="hybrid")
     lm.ingest_tokens(random_ids(400, 2), "doc", progress=False)
-    first = lm.generate_full("what now", memory="doc", chat=False, max_new_tokens=8)
     (kept,) = lm._prefixes.values()
     end, keys = kept.window_end, [window.cache_keys for window in kept.windows]
+    first = lm.generate_full("what now", memory="doc", chat=False, max_new_tokens=8)
+    assert list(lm._prefixes.values()) == [kept]  # the question found the ingest's prefix
     assert lm.generate_full("what now", memory="doc", chat=False, max_new_tokens=8).token_ids == first.token_ids
     assert list(lm._prefixes.values()) == [kept]
     assert kept.window_end == end and all(window.cache_keys is k for window, k in zip(kept.windows, keys))
     lm._prefixes.clear()
     assert lm.generate_full("what now", memory="doc", chat=False, max_new_tokens=8).token_ids == first.token_ids
     lm.ingest_tokens(random_ids(50, 3), "doc", progress=False)
+    assert len(lm._prefixes) == 2
     lm.generate_full("what now", memory="doc", chat=False, max_new_tokens=1)
     assert len(lm._prefixes) == 2
 
