@@ -117,7 +117,7 @@ def saved_figure(path: Path, rows: int = 1, columns: int = 1, dpi: int = 110, **
     figure, axes = plt.subplots(rows, columns, **options)
     try:
         yield figure, axes
-        figure.savefig(path, dpi=dpi)
+        figure.savefig(path, dpi=dpi, bbox_inches="tight")  # a long suptitle is kept whole
     finally:
         plt.close(figure)
 
