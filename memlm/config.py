@@ -52,9 +52,9 @@ class MemoryConfig:
     # How a question reads the memory (fot, knn; memlm/memory/reading.py). "quote" (the
     # default), "reread" and "passages" first pick passages for the question (`read_scoring`).
     # "quote" re-reads the document's first tokens and its local window as text and quotes the
-    # passages' text (from the store's blocks or the local window) in the question's own turn,
-    # just before the question; "reread" runs the
-    # passages' text between the first tokens and the local window instead, in document order;
+    # passages' text (from the store's blocks, the sinks or the local window) in the question's
+    # own turn, just before the question; "reread" runs the passages' text between the first
+    # tokens and the local window instead, in document order;
     # "passages" places their stored keys and values there (no recompute; with memory in some
     # layers only, the others hold no keys, so it re-reads). "bag" is every head attending to
     # its own top-k blocks at every step, as while ingesting. Measured on the demo's handbooks

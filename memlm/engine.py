@@ -295,11 +295,16 @@ class MemoryLM:
             window_start = int(in_window[0]) if len(in_window) else len(session.token_ids)
             held = min(self.store.stats(session.memory).blocks_per_layer.values(), default=0)
             oldest = max(config.sink_len, window_start - held * config.block_len)
-            # The quote read also quotes from the local window: the model answered 0.76 of the
-            # facts in the store but missed those in the window, 512 tokens from the question.
-            end = len(session.token_ids) if config.read == "quote" else window_start
-            rankings.append(lexical_scores(self.words(session.token_ids), self.words(prompt_ids[question]).text,
-                                           config.block_len, oldest, end))  # fmt: skip
+            words, question_words = self.words(session.token_ids), self.words(prompt_ids[question]).text
+            if config.read == "quote":
+                # The quote read quotes text, so the sinks' and the local window's too: in view
+                # but far from the question, the model answered 1 of 12 facts there (eval_words,
+                # 2k tokens) against 30 of 30 quoted from the store. Evicted blocks stay forgotten.
+                scores = lexical_scores(words, question_words, config.block_len, 0, len(session.token_ids))
+                scores = {start: score for start, score in scores.items() if not config.sink_len <= start < oldest}
+            else:
+                scores = lexical_scores(words, question_words, config.block_len, oldest, window_start)
+            rankings.append(scores)
         # "lexical" falls back on the votes when no word of the question is in the memory.
         if config.read_scoring != "lexical" or not rankings[0]:
             weights = self.head_profile.weights

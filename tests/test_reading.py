@@ -139,21 +139,28 @@ def test_the_lexical_read_only_chooses_blocks_the_store_still_holds() -> None:
     assert result.evidence and all(p.start >= held.min() for p in result.evidence)  # nothing from the evicted start
 
 
-def test_the_quote_read_quotes_a_fact_in_the_local_window_too() -> None:
-    """A fact in the local window is in view, but the embedded model, 512 tokens away from it,
-    answered 1 of 12 such questions (eval_words): the quote read quotes it before the question
-    as it quotes a stored one. The passages read places stored keys; the window's are in view."""
-    document = [1] * 40 + [97, 98, 99] + [2] * 300 + [50, 51, 52] + [2] * 10  # "abc" stored, "234" in the window
+@pytest.mark.parametrize("where", ["window", "sinks"])
+def test_the_quote_read_quotes_a_fact_in_view_too(where: str) -> None:
+    """A fact in the local window (or the sinks) is in view, but the embedded model, 512 tokens
+    away from it, answered 1 of 12 such questions (eval_words): the quote read quotes it before
+    the question as it quotes a stored one. The passages read places stored keys; those in
+    view are there already."""
+    fact = [50, 51, 52]  # the word "234"
+    before, after = ([1] * 40 + [97, 98, 99] + [2] * 300, [2] * 10) if where == "window" else ([1], [2] * 352)
+    document = before + fact + after  # "234" in the window, or at 1..3: in the sinks
     for read in ("quote", "passages"):
         lm = tiny_lm(segment_len=32, sink_len=4, local_len=32, block_len=4, read=read, read_scoring="lexical",
                      read_context=0)  # fmt: skip
         lm.ingest_tokens(document, "doc", progress=False)
         session = lm.open_session("doc", writes=False)
         window_start = int(session.positions[session.sink_count])
-        assert window_start < 343
+        at = len(before)
+        assert at >= window_start or at + 3 <= session.sink_count
         result = lm.generate_full("234", memory="doc", chat=False, max_new_tokens=1)
-        if read == "quote":  # the word's block or its neighbour (they score alike): the window's
+        if read == "quote" and where == "window":  # the word's block or its neighbour (they score alike)
             assert result.evidence and all(p.start >= window_start for p in result.evidence)
+        elif read == "quote":  # the sinks' block (ties go to the first block)
+            assert result.evidence and all(p.end <= session.sink_count for p in result.evidence)
         else:  # no stored block holds the word: the heads' votes choose stored ones
             assert result.evidence and all(p.end <= window_start for p in result.evidence)
 
