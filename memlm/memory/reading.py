@@ -192,12 +192,13 @@ def term_weights(holding: dict[str, np.ndarray]) -> dict[str, float]:
 
 
 def lexical_scores(words: Words, question: Sequence[str], block_len: int, grid: int, end: int) -> dict[int, float]:
-    """Each stored block's share of the `question`'s words: the sum of the `term_weights` of
+    """Each block's share of the `question`'s words: the sum of the `term_weights` of
     those found in the block or its two neighbours. The neighbours count because a sentence
     often straddles two blocks: without them, a block holding the words a question shares
     with every sentence of its kind ("the door code of the ... room") beat the block holding
-    the one name that tells them apart. Blocks [grid, end) in steps of block_len; only those
-    with a match. The memory keeps every token id: this needs nothing from the store."""
+    the one name that tells them apart. Blocks [grid, end) in steps of block_len (the store's,
+    or for the quote read the sinks' and local window's too); only those with a match. The
+    memory keeps every token id: this needs nothing from the store."""
     holding = words.holding(question, block_len, grid, end)
     scores = np.zeros(max(0, (end - grid) // block_len))
     for word, weight in term_weights(holding).items():
