@@ -12,6 +12,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -356,18 +357,17 @@ class MemoryLM:
         between them, in document order at consecutive positions, and with `read="quote"` it is
         quoted in the prompt just before the question (`question`: where its tokens are), and
         the session has read what comes before the prompt already (`prefix_session`)."""
-        separator = self.text_ids("\n\n")
         if self.config.read == "quote":
-            quote = self.quote_ids(session.token_ids, passages, separator)
+            quote = self.quote_ids(session.token_ids, passages)
             return self.prefix_session(self.quote_prefix_ids(session)), quoted_prompt(prompt_ids, question, quote)
-        inputs = reread_ids(session.token_ids, session.positions.tolist(), passages, separator) + prompt_ids
+        inputs = reread_ids(session.token_ids, session.positions.tolist(), passages, self.paragraph_break) + prompt_ids
         return self.open_session(None, writes=False), inputs
 
     def quote_prefix_ids(self, session: MemorySession) -> list[int]:
         """What the quote read re-reads before the prompt: the document's first tokens and its
         local window as text, each followed by a paragraph break."""
-        separator = self.text_ids("\n\n")
-        return reread_ids(session.token_ids, session.positions.tolist(), [], separator) + separator
+        kept = reread_ids(session.token_ids, session.positions.tolist(), [], self.paragraph_break)
+        return kept + self.paragraph_break
 
     def prefix_session(self, prefix_ids: list[int]) -> MemorySession:
         """A fresh session (no memory) that has read `prefix_ids`: for the quote read, the
@@ -389,13 +389,19 @@ class MemoryLM:
                     self._prefixes.popitem(last=False)
         return session.fork()
 
-    def quote_ids(self, token_ids: list[int], passages: list[Passage], separator: list[int]) -> list[int]:
+    def quote_ids(self, token_ids: list[int], passages: list[Passage]) -> list[int]:
         """The passages as the question's turn quotes them: labelled as the document's and the
         question after them labelled too. The labels matter to a small model: without them the
         135M model took the quoted Vim manual for the conversation and went on with it (7 of 18
         needles right against 13 of 18 with them; a scratch comparison, 12k-token documents)."""
-        passages_ids = [token for p in passages for token in [*token_ids[p.start : p.end], *separator]]
+        passages_ids = [token for p in passages for token in [*token_ids[p.start : p.end], *self.paragraph_break]]
         return self.text_ids("From the document:\n") + passages_ids + self.text_ids("Question: ")
+
+    @cached_property
+    def paragraph_break(self) -> list[int]:
+        """Where a text read skips ahead in the document, and after each quoted passage:
+        tokenized when first needed (a Ray shard's engine has no tokenizer)."""
+        return self.text_ids("\n\n")
 
     def text_ids(self, text: str) -> list[int]:
         """`text`'s token ids as the document's are made: no special tokens."""
