@@ -254,19 +254,24 @@ class MemoryLM:
 
     # -- generate -------------------------------------------------------------------------
 
-    def prompt_ids(self, prompt: str, chat: bool = True) -> list[int]:
+    def prompt_ids(self, prompt: str, chat: bool = True, system: str = "") -> list[int]:
+        """`prompt` as the model reads it: in the chat template's user turn (after a `system`
+        turn when one is given; otherwise the template's own) or, with `chat` False, as is."""
         if chat and self.tokenizer.chat_template:
+            turns = [{"role": "system", "content": system}] if system else []
             return self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
-            )
+                [*turns, {"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True,
+                return_dict=False,
+            )  # fmt: skip
         return self.text_ids(prompt)
 
-    def question_span(self, prompt: str, chat: bool = True) -> slice:
-        """Where the prompt's own text lies in `prompt_ids(prompt, chat)`: a chat template's
-        system and role tokens are the same for every question and must not steer retrieval."""
+    def question_span(self, prompt: str, chat: bool = True, system: str = "") -> slice:
+        """Where the prompt's own text lies in `prompt_ids(prompt, chat, system)`: a chat
+        template's system and role tokens are the same for every question and must not steer
+        retrieval."""
         if not (chat and self.tokenizer.chat_template):
             return slice(0, len(self.prompt_ids(prompt, chat=False)))
-        return question_span(self.prompt_ids(prompt, chat=True), self.prompt_ids("", chat=True))
+        return question_span(self.prompt_ids(prompt, True, system), self.prompt_ids("", True, system))
 
     @torch.inference_mode()
     def search_with_question(
@@ -483,7 +488,10 @@ class MemoryLM:
         memory to read: the session as it is and the prompt."""
         if self.config.read == "bag" or not session.has_memory:
             return session, prompt_ids, []
-        question = self.question_span(prompt, chat)
+        system = self.config.quote_system if self.config.read == "quote" else ""
+        if system:  # a system turn that says the answer is in the quoted text
+            prompt_ids = self.prompt_ids(prompt, chat, system)
+        question = self.question_span(prompt, chat, system)
         evidence = self.read_passages(session, prompt_ids, question)
         if self.config.read == "passages" and len(session.memory_layers) == self.shape.num_layers:
             session.place_passages(self.fetch_passages(session, evidence))

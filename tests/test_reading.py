@@ -55,6 +55,29 @@ def test_the_embedded_chat_prompt_searches_with_the_question_tokens_only(embedde
     asked = embedded_lm.tokenizer.decode(prompt[span])
     assert asked.strip() == question
     assert embedded_lm.question_span(question, chat=False) == slice(0, len(embedded_lm.prompt_ids(question, chat=False)))
+    system = "Answer from the document."
+    with_system = embedded_lm.prompt_ids(question, system=system)
+    assert system in embedded_lm.tokenizer.decode(with_system)
+    assert embedded_lm.tokenizer.decode(with_system[embedded_lm.question_span(question, system=system)]).strip() == question
+
+
+def test_the_quote_read_asks_in_a_system_turn_of_its_own(embedded_lm, monkeypatch) -> None:
+    """The quote read's chat prompt says the answer is in the quoted text (`quote_system`):
+    under the template's own system turn the 135M model dropped the first token of quoted codes."""
+    task = prose_needles(3_000, [0.2], seed=5)[0]
+    embedded_lm.ingest(task.document, memory="system-turn", progress=False)
+    try:
+        session = embedded_lm.open_session("system-turn", writes=False)
+        _, inputs, _ = embedded_lm._read_for(session, task.question, embedded_lm.prompt_ids(task.question), True)
+        asked = embedded_lm.tokenizer.decode(inputs)
+        assert embedded_lm.config.quote_system in asked and "SmolLM" not in asked
+        assert task.evidence[0] in asked  # quoted
+        assert asked.endswith(f"Question: {task.question}<|im_end|>\n<|im_start|>assistant\n")
+        monkeypatch.setattr(embedded_lm.config, "quote_system", "")  # the template's own system turn
+        _, inputs, _ = embedded_lm._read_for(session, task.question, embedded_lm.prompt_ids(task.question), True)
+        assert "SmolLM" in embedded_lm.tokenizer.decode(inputs)
+    finally:
+        embedded_lm.forget("system-turn")
 
 
 def found(starts: np.ndarray) -> SearchResult:
