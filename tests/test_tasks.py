@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -292,6 +292,14 @@ def test_an_interrupted_run_continues_from_its_checkpoint_without_asking_again(t
     assert len(ingested) == len(docs)
     with pytest.raises(ValueError, match="another model"):
         suite.answered_before([checkpoint], {**header, "model": "other"})
+    # Other memory settings: the plain model's answers still hold, the memory's do not.
+    plain = suite.run_config("plain", None, base, docs[:1])
+    checkpoint.write_text("\n".join([json.dumps(header), *(json.dumps(asdict(t)) for t in [*full, *plain])]) + "\n")
+    def documents_of(trials: list[suite.Trial]) -> set[tuple]:
+        return {(t.config, t.family, t.length, t.seed) for t in trials}
+
+    assert set(suite.answered_before([checkpoint], header)) == documents_of(full + plain)
+    assert set(suite.answered_before([checkpoint], {**header, "defaults": {"top_k": 1}})) == documents_of(plain)
     checkpoint.write_text(json.dumps(header) + "\n" + json.dumps({"config": "fot"}) + "\n")
     with pytest.raises(ValueError, match="other than benchmark trials"):
         suite.answered_before([checkpoint], header)

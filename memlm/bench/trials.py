@@ -188,7 +188,8 @@ def run_config(
 def answered_before(paths: Sequence[Path], header: dict) -> dict[DocumentKey, list[Trial]]:
     """The trials of every document answered in earlier runs, from their reports (`.json`) or
     checkpoints (`.trials.jsonl`: a header line, then one trial a line). Later files win.
-    A run with another model, dtype or memory settings is refused: its answers are not ours."""
+    A run with another model, dtype or prompt style is refused: its answers are not ours; of a
+    run with other memory settings only the plain model's answers, which never read a memory."""
     answered: dict[DocumentKey, list[Trial]] = {}
     for path in paths:
         if path.suffix == ".jsonl":
@@ -196,15 +197,20 @@ def answered_before(paths: Sequence[Path], header: dict) -> dict[DocumentKey, li
         else:
             earlier = json.loads(path.read_text())
             rows = earlier.get("trials", [])
-        for key in ("model", "dtype", "defaults", "chat"):
+        for key in ("model", "dtype", "chat"):
             if earlier.get(key) != header[key]:
                 raise ValueError(f"{path} was run with another {key}; its answers cannot be reused")
+        plain_only = earlier.get("defaults") != header["defaults"]
+        if plain_only:
+            print(f"{path} was run with other memory settings: reusing its plain model's answers only")
         found: dict[DocumentKey, list[Trial]] = {}
         for row in rows:
             try:
                 trial = Trial(**row)
             except TypeError as error:
                 raise ValueError(f"{path} holds something other than benchmark trials ({error})") from None
+            if plain_only and trial.config != "plain":
+                continue
             found.setdefault((trial.config, trial.family, trial.length, trial.seed), []).append(trial)
         answered.update(found)
     return answered
