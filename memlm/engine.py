@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -49,6 +49,11 @@ from memlm.store.base import Blocks, SearchResult
 
 # The quote read's re-read prefixes kept (`MemoryLM.prefix_session`): ~30 MB each (float32).
 KEPT_PREFIXES = 4
+
+# What `MemoryLM.stream` answers: a question, or chat turns ({"role": ..., "content": ...})
+# whose last user turn is the question (the one the memory is searched with and quoted for).
+Prompt = str | Sequence[Mapping[str, str]]
+CHAT_ROLES = ("system", "user", "assistant")
 
 
 @dataclass
@@ -254,24 +259,30 @@ class MemoryLM:
 
     # -- generate -------------------------------------------------------------------------
 
-    def prompt_ids(self, prompt: str, chat: bool = True, system: str = "") -> list[int]:
-        """`prompt` as the model reads it: in the chat template's user turn (after a `system`
-        turn when one is given; otherwise the template's own) or, with `chat` False, as is."""
-        if chat and self.tokenizer.chat_template:
-            turns = [{"role": "system", "content": system}] if system else []
-            return self.tokenizer.apply_chat_template(
-                [*turns, {"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True,
-                return_dict=False,
-            )  # fmt: skip
-        return self.text_ids(prompt)
-
-    def question_span(self, prompt: str, chat: bool = True, system: str = "") -> slice:
-        """Where the prompt's own text lies in `prompt_ids(prompt, chat, system)`: a chat
-        template's system and role tokens are the same for every question and must not steer
-        retrieval."""
+    def prompt_ids(self, prompt: Prompt, chat: bool = True, system: str = "") -> list[int]:
+        """`prompt` as the model reads it: a question in the chat template's user turn, chat
+        turns in the template, each after a `system` turn when given and the turns have none
+        (otherwise the template's own); with `chat` False, or a model without a template, the
+        text alone (chat turns' contents one per line)."""
+        turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         if not (chat and self.tokenizer.chat_template):
-            return slice(0, len(self.prompt_ids(prompt, chat=False)))
-        return question_span(self.prompt_ids(prompt, True, system), self.prompt_ids("", True, system))
+            return self.text_ids("\n".join(turn["content"] for turn in turns))
+        if system and turns[0]["role"] != "system":
+            turns = [{"role": "system", "content": system}, *turns]
+        return self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=False)
+
+    def question_span(self, prompt: Prompt, chat: bool = True, system: str = "") -> slice:
+        """Where the question's own text lies in `prompt_ids(prompt, chat, system)`: the prompt,
+        or the last user turn of chat turns. A chat template's system and role tokens are the
+        same for every question and must not steer retrieval."""
+        if isinstance(prompt, str):
+            if not (chat and self.tokenizer.chat_template):
+                return slice(0, len(self.prompt_ids(prompt, chat=False)))
+            unasked: Prompt = ""
+        else:
+            asked = last_user_turn(prompt)
+            unasked = [*prompt[:asked], {**prompt[asked], "content": ""}, *prompt[asked + 1 :]]
+        return question_span(self.prompt_ids(prompt, chat, system), self.prompt_ids(unasked, chat, system))
 
     @torch.inference_mode()
     def search_with_question(
@@ -414,7 +425,7 @@ class MemoryLM:
 
     def stream(
         self,
-        prompt: str,
+        prompt: Prompt,
         memory: str | None = None,
         max_new_tokens: int = 64,
         temperature: float = 0.0,
@@ -431,7 +442,7 @@ class MemoryLM:
 
     def _generate(
         self,
-        prompt: str,
+        prompt: Prompt,
         memory: str | None,
         max_new_tokens: int,
         temperature: float,
@@ -481,7 +492,7 @@ class MemoryLM:
         return GenerationResult(text.text, text.token_ids, finish, len(prompt_ids), retrieved, evidence, in_view)
 
     def _read_for(
-        self, session: Session, prompt: str, prompt_ids: list[int], chat: bool
+        self, session: Session, prompt: Prompt, prompt_ids: list[int], chat: bool
     ) -> tuple[Session, list[int], list[Passage]]:
         """The question's passage read (`config.read`): the session to generate in, the token
         ids to run in it (ending with the prompt), and the passages read. The bag read, or no
@@ -502,10 +513,10 @@ class MemoryLM:
         session, inputs = self.reread_session(session, evidence, prompt_ids, question)
         return session, inputs, evidence
 
-    def generate(self, prompt: str, memory: str | None = None, **options) -> str:
+    def generate(self, prompt: Prompt, memory: str | None = None, **options) -> str:
         return "".join(piece.text for piece in self.stream(prompt, memory, **options))
 
-    def generate_full(self, prompt: str, memory: str | None = None, **options) -> GenerationResult:
+    def generate_full(self, prompt: Prompt, memory: str | None = None, **options) -> GenerationResult:
         generation = self.stream(prompt, memory, **options)
         for _ in generation:
             pass
@@ -535,10 +546,19 @@ class Generation:
         self._steps.close()
 
 
-def check_generation(prompt: str, memory: str | None, max_new_tokens: int, temperature: float, top_p: float) -> None:
+def check_generation(prompt: Prompt, memory: str | None, max_new_tokens: int, temperature: float, top_p: float) -> None:
     """Raise ValueError, saying what is wrong, for arguments `MemoryLM.stream` cannot use."""
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError("the prompt is empty")
+    if isinstance(prompt, str) or not prompt:
+        if not (prompt and prompt.strip()):
+            raise ValueError("the prompt is empty")
+    else:
+        for turn in prompt:
+            if turn.get("role") not in CHAT_ROLES:
+                raise ValueError(f"chat message role {turn.get('role')!r}: use one of {', '.join(CHAT_ROLES)}")
+            if not isinstance(turn.get("content"), str):
+                raise ValueError(f"a chat message's content must be text, got {turn.get('content')!r}")
+        if not prompt[last_user_turn(prompt)]["content"].strip():
+            raise ValueError("the last user message, the question, is empty")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not 0.0 <= temperature <= 5.0:
@@ -547,6 +567,14 @@ def check_generation(prompt: str, memory: str | None, max_new_tokens: int, tempe
         raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
     if memory is not None:
         check_memory_name(memory)
+
+
+def last_user_turn(turns: Sequence[Mapping[str, str]]) -> int:
+    """The index of the question among chat turns: the last user turn."""
+    for index in range(len(turns) - 1, -1, -1):
+        if turns[index]["role"] == "user":
+            return index
+    raise ValueError("chat messages need a user message: the question")
 
 
 class StopMatcher:

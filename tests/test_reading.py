@@ -61,18 +61,30 @@ def test_the_embedded_chat_prompt_searches_with_the_question_tokens_only(embedde
     assert embedded_lm.tokenizer.decode(with_system[embedded_lm.question_span(question, system=system)]).strip() == question
 
 
-def test_the_quote_read_asks_in_a_system_turn_of_its_own(embedded_lm, monkeypatch) -> None:
+def test_the_quote_read_quotes_in_the_questions_turn_under_a_system_turn_of_its_own(embedded_lm, monkeypatch) -> None:
     """The quote read's chat prompt says the answer is in the quoted text (`quote_system`):
-    under the template's own system turn the 135M model dropped the first token of quoted codes."""
+    under the template's own system turn the 135M model dropped the first token of quoted codes.
+    Of chat turns, the last user turn is the question: read for and quoted in alone."""
     task = prose_needles(3_000, [0.2], seed=5)[0]
     embedded_lm.ingest(task.document, memory="system-turn", progress=False)
     try:
         session = embedded_lm.open_session("system-turn", writes=False)
-        _, inputs, _ = embedded_lm._read_for(session, task.question, embedded_lm.prompt_ids(task.question), True)
+        _, inputs, evidence = embedded_lm._read_for(session, task.question, embedded_lm.prompt_ids(task.question), True)
         asked = embedded_lm.tokenizer.decode(inputs)
         assert embedded_lm.config.quote_system in asked and "SmolLM" not in asked
         assert task.evidence[0] in asked  # quoted
         assert asked.endswith(f"Question: {task.question}<|im_end|>\n<|im_start|>assistant\n")
+        # The earlier turns (about the archive, another of the document's places) steer nothing.
+        turns = [{"role": "user", "content": "Is the archive open?"}, {"role": "assistant", "content": "Yes."},
+                 {"role": "user", "content": task.question}]  # fmt: skip
+        span = embedded_lm.question_span(turns, system=embedded_lm.config.quote_system)
+        with_system = embedded_lm.prompt_ids(turns, system=embedded_lm.config.quote_system)
+        assert embedded_lm.tokenizer.decode(with_system[span]).strip() == task.question
+        _, chat_inputs, chat_evidence = embedded_lm._read_for(session, turns, embedded_lm.prompt_ids(turns), True)
+        assert chat_evidence == evidence
+        asked_in_chat = embedded_lm.tokenizer.decode(chat_inputs)
+        assert asked_in_chat.endswith(asked[asked.index("<|im_start|>user") :])  # quoted in the last turn
+        assert "Is the archive open?<|im_end|>" in asked_in_chat
         monkeypatch.setattr(embedded_lm.config, "quote_system", "")  # the template's own system turn
         _, inputs, _ = embedded_lm._read_for(session, task.question, embedded_lm.prompt_ids(task.question), True)
         assert "SmolLM" in embedded_lm.tokenizer.decode(inputs)

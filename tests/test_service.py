@@ -136,6 +136,12 @@ def test_chat_messages_and_seeded_sampling(server):
     # The tiny tokenizer has no chat template: messages become their contents, one per line.
     expected = [p.token_id for p in reference.stream("Hi.\nWhat now?", max_new_tokens=8, chat=False)]
     assert tokens_of(c.generate(messages=[("system", "Hi."), ("user", "What now?")], max_new_tokens=8)) == expected
+    # With a memory, the engine gets the turns (the last user turn is the question it reads for).
+    c.ingest(DOC, memory="doc")
+    reference.ingest(DOC, "doc", progress=False)
+    turns = [("system", "Hi."), ("user", QUESTION)]
+    expected = [p.token_id for p in reference.stream([dict(role=r, content=t) for r, t in turns], "doc", max_new_tokens=8)]
+    assert tokens_of(c.generate(messages=turns, memory="doc", max_new_tokens=8)) == expected
     options = dict(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=7)
     expected = [p.token_id for p in reference.stream(QUESTION, **options)]
     assert tokens_of(c.generate(QUESTION, **options)) == expected
@@ -385,6 +391,16 @@ BAD_REQUESTS = {
         "not both",
     ),
     "bad chat role": (lambda c, s: list(c.generate(messages=[("robot", "hi")])), Code.INVALID_ARGUMENT, "role 'robot'"),
+    "no user message": (
+        lambda c, s: list(c.generate(messages=[("system", "hi")])),
+        Code.INVALID_ARGUMENT,
+        "need a user message",
+    ),
+    "empty question": (
+        lambda c, s: list(c.generate(messages=[("user", "hi"), ("assistant", "hello"), ("user", " ")])),
+        Code.INVALID_ARGUMENT,
+        "the question, is empty",
+    ),
     "prompt too long for the context": (
         lambda c, s: list(c.generate(QUESTION * 100, max_new_tokens=4096)),
         Code.INVALID_ARGUMENT,

@@ -54,7 +54,6 @@ SERVICE_NAME = "memlm.v1.MemoryLM"
 DEFAULT_PORT = 50051
 REQUEST_ID = "x-request-id"
 FINISH_REASONS = {"stop": memlm_pb2.FINISH_REASON_STOP, "length": memlm_pb2.FINISH_REASON_LENGTH}
-CHAT_ROLES = ("system", "user", "assistant")
 INGEST_STREAM = StreamShape("Ingest", first="start", last="end", advice="split the document into several ingests")
 
 log = logging.getLogger("memlm.serve")
@@ -281,11 +280,11 @@ class MemoryLMService(memlm_pb2_grpc.MemoryLMServicer):
             check_memory_name(request.memory)
         if request.messages and request.prompt:
             raise ValueError("send either a prompt or chat messages, not both")
-        if request.messages:
-            prompt, chat = render_messages(engine.tokenizer, request.messages), False
-        else:
+        if request.messages:  # the last user message is the question the memory is read for
+            prompt, chat = [{"role": m.role, "content": m.content} for m in request.messages], True
+        elif request.prompt.strip():
             prompt, chat = request.prompt, not request.raw
-        if not prompt.strip():
+        else:
             raise ValueError("the prompt is empty: send a prompt or chat messages")
         return dict(
             prompt=prompt,
@@ -321,18 +320,6 @@ class MemoryLMService(memlm_pb2_grpc.MemoryLMServicer):
 @contextmanager
 def _nothing() -> Iterator[None]:
     yield
-
-
-def render_messages(tokenizer, messages) -> str:
-    """Chat messages as the prompt text the model expects: its chat template, with the
-    assistant's turn opened; a model without a template gets the contents, one per line."""
-    for message in messages:
-        if message.role not in CHAT_ROLES:
-            raise ValueError(f"chat message role {message.role!r}: use one of {', '.join(CHAT_ROLES)}")
-    turns = [{"role": m.role, "content": m.content} for m in messages]
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
-    return "\n".join(m.content for m in messages)
 
 
 # -- starting and stopping --------------------------------------------------------------------------
