@@ -81,12 +81,13 @@ class MemoryConfig:
     # often answered from the manual text around a needle (bench eval prose-needles, 16k / 32k:
     # cities 0.71 / 0.62 whole, 1.00 / 0.95 trimmed; codes 0.90 / 0.81 and 0.95 / 0.90).
     read_sentences: bool = True
-    # The system turn of a quote read's chat prompt ("": the chat template's own). The 135M
-    # model copying a quoted code often dropped its first token ("7G2T" for GC7G2T) under its
-    # template's "You are a helpful AI assistant named SmolLM": 79 of 84 codes copied right
-    # against 83 of 84 with this turn (a scratch rebuild of the quote read's input, 16k tokens,
-    # four seeds); "Answer with the exact words of the document." did as well.
-    quote_system: str = "You answer questions about a document. Quote the document exactly."
+    # The system turn of a quote read's chat prompt ("": the chat template's own). Copying a
+    # quoted code, the 135M model often dropped its first token ("7G2T" for GC7G2T). A scratch
+    # rebuild of the quote read's input for 126 codes (16k tokens, four seeds; 32k and 128k,
+    # one) answered 124 right with this turn, 122 with "You answer questions about a document.
+    # Quote the document exactly.", 116 under SmolLM's own ("You are a helpful AI assistant
+    # named SmolLM") and 115 with the document's tokens spliced in instead of the quote's text.
+    quote_system: str = "Answer with the exact words of the document."
     # Tokens of notes the rmt backend carries from segment to segment (read and written).
     num_mem_tokens: int = 64
     extra: dict = field(default_factory=dict)

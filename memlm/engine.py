@@ -34,7 +34,6 @@ from memlm.memory.reading import (
     question_search_keys,
     question_sentences,
     question_span,
-    quoted_prompt,
     reread_ids,
     select_passages,
     term_weights,
@@ -365,19 +364,22 @@ class MemoryLM:
         wanted = np.array(starts, dtype=np.int64)
         return {layer: self.store.blocks_at(session.memory, layer, wanted) for layer in range(self.shape.num_layers)}
 
-    def reread_session(
-        self, session: MemorySession, passages: list[Passage], prompt_ids: list[int], question: slice
-    ) -> tuple[MemorySession, list[int]]:
-        """A session with no memory and the ids to run in it: the document's first tokens and
-        its local window as text, then the prompt; with `read="reread"` the passages' text lies
-        between them, in document order at consecutive positions, and with `read="quote"` it is
-        quoted in the prompt just before the question (`question`: where its tokens are), and
-        the session has read what comes before the prompt already (`prefix_session`)."""
-        if self.config.read == "quote":
-            quote = self.quote_ids(session.token_ids, passages)
-            return self.prefix_session(self.quote_prefix_ids(session)), quoted_prompt(prompt_ids, question, quote)
+    def reread_session(self, session: MemorySession, passages: list[Passage], prompt_ids: list[int]) -> tuple[MemorySession, list[int]]:
+        """`read="reread"`: a session with no memory and the ids to run in it: the document's
+        first tokens, the passages' text in document order at consecutive positions and its
+        local window, then the prompt."""
         inputs = reread_ids(session.token_ids, session.positions.tolist(), passages, self.paragraph_break) + prompt_ids
         return self.open_session(None, writes=False), inputs
+
+    def quote_session(
+        self, session: MemorySession, passages: list[Passage], prompt: Prompt, chat: bool
+    ) -> tuple[MemorySession, list[int]]:
+        """`read="quote"`: a session that has read the document's first tokens and its local
+        window as text (`prefix_session`), and the ids to run in it: the prompt with the
+        passages quoted in the question's own turn, just before the question, under the
+        `quote_system` turn (where chat turns bring none)."""
+        quoted = quoted_prompt(prompt, self.quote_text(session.token_ids, passages))
+        return self.prefix_session(self.quote_prefix_ids(session)), self.prompt_ids(quoted, chat, self.config.quote_system)
 
     def quote_prefix_ids(self, session: MemorySession) -> list[int]:
         """What the quote read re-reads before the prompt: the document's first tokens and its
@@ -405,13 +407,15 @@ class MemoryLM:
                     self._prefixes.popitem(last=False)
         return session.fork()
 
-    def quote_ids(self, token_ids: list[int], passages: list[Passage]) -> list[int]:
-        """The passages as the question's turn quotes them: labelled as the document's and the
-        question after them labelled too. The labels matter to a small model: without them the
-        135M model took the quoted Vim manual for the conversation and went on with it (7 of 18
-        needles right against 13 of 18 with them; a scratch comparison, 12k-token documents)."""
-        passages_ids = [token for p in passages for token in [*token_ids[p.start : p.end], *self.paragraph_break]]
-        return self.text_ids("From the document:\n") + passages_ids + self.text_ids("Question: ")
+    def quote_text(self, token_ids: list[int], passages: list[Passage]) -> str:
+        """The passages as the question's turn quotes them: their text, labelled as the
+        document's, and the question after them labelled too. The labels matter to a small
+        model: without them the 135M model took the quoted Vim manual for the conversation and
+        went on with it (7 of 18 needles right against 13 of 18 with them; a scratch comparison,
+        12k-token documents). The text is tokenized anew with the question, as a pasted quote
+        would be, white space at either end cut (see `quote_system` for what it changed)."""
+        quoted = "\n\n".join(self.tokenizer.decode(token_ids[p.start : p.end]).strip() for p in passages)
+        return f"From the document:\n{quoted}\n\nQuestion: "
 
     @cached_property
     def paragraph_break(self) -> list[int]:
@@ -499,10 +503,7 @@ class MemoryLM:
         memory to read: the session as it is and the prompt."""
         if self.config.read == "bag" or not session.has_memory:
             return session, prompt_ids, []
-        system = self.config.quote_system if self.config.read == "quote" else ""
-        if system:  # a system turn that says the answer is in the quoted text
-            prompt_ids = self.prompt_ids(prompt, chat, system)
-        question = self.question_span(prompt, chat, system)
+        question = self.question_span(prompt, chat)
         evidence = self.read_passages(session, prompt_ids, question)
         if self.config.read == "passages" and len(session.memory_layers) == self.shape.num_layers:
             session.place_passages(self.fetch_passages(session, evidence))
@@ -510,7 +511,10 @@ class MemoryLM:
         # "quote", "reread", or memory in some layers only: the others hold no passage keys.
         if self.config.read_sentences:
             evidence = self.sentences_for(session.token_ids, evidence, prompt_ids[question])
-        session, inputs = self.reread_session(session, evidence, prompt_ids, question)
+        if self.config.read == "quote":
+            session, inputs = self.quote_session(session, evidence, prompt, chat)
+        else:
+            session, inputs = self.reread_session(session, evidence, prompt_ids)
         return session, inputs, evidence
 
     def generate(self, prompt: Prompt, memory: str | None = None, **options) -> str:
@@ -567,6 +571,17 @@ def check_generation(prompt: Prompt, memory: str | None, max_new_tokens: int, te
         raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
     if memory is not None:
         check_memory_name(memory)
+
+
+def quoted_prompt(prompt: Prompt, quote: str) -> Prompt:
+    """`prompt` with `quote` just before the question: before a question's text, or before
+    the content of the last user turn of chat turns."""
+    if isinstance(prompt, str):
+        return quote + prompt
+    turns = list(prompt)
+    asked = last_user_turn(turns)
+    turns[asked] = {**turns[asked], "content": quote + turns[asked]["content"]}
+    return turns
 
 
 def last_user_turn(turns: Sequence[Mapping[str, str]]) -> int:

@@ -23,13 +23,13 @@ from memlm.memory.reading import (
     new_votes,
     question_sentences,
     question_span,
-    quoted_prompt,
     reread_ids,
     select_passages,
     sentence_starts,
     term_weights,
     token_spans,
 )
+from memlm.engine import quoted_prompt
 from memlm.store.base import SearchResult
 from memlm.tasks import prose_needles
 from tests.conftest import tiny_lm, tiny_model
@@ -245,17 +245,20 @@ def test_term_weights_favour_words_in_few_blocks() -> None:
     assert weights["ada"] > weights["the"]
 
 
-def test_quoted_prompt_puts_the_quote_just_before_the_question() -> None:
-    prompt = [1, 2, 70, 71, 3, 4]  # [user-start, ..., (question 70 71), user-end, assistant-start]
-    assert quoted_prompt(prompt, slice(2, 4), [1010, 1011, -1]) == [1, 2, 1010, 1011, -1, 70, 71, 3, 4]
+def test_the_quote_goes_just_before_the_question() -> None:
+    assert quoted_prompt("what now?", "Q: ") == "Q: what now?"
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+             {"role": "user", "content": "what now?"}, {"role": "assistant", "content": "Well,"}]  # fmt: skip
+    assert quoted_prompt(turns, "Q: ") == [*turns[:2], {"role": "user", "content": "Q: what now?"}, turns[3]]
+    assert turns[2]["content"] == "what now?"  # the caller's turns are left as they were
 
 
 @pytest.mark.parametrize("read", ["reread", "quote"])
 def test_a_reread_is_the_stock_model_over_the_passages_and_the_prompt(read: str) -> None:
     """Both text reads run a plain forward pass of the stock model over a selection of the
     document: "reread" the sinks, the separator-joined passages and the window, then the
-    prompt; "quote" the sinks and the window, then the prompt with the passages quoted just
-    before the question's tokens."""
+    prompt; "quote" the sinks and the window, then the prompt with the passages' text quoted
+    just before the question."""
     lm = tiny_lm(segment_len=32, sink_len=4, local_len=32, block_len=4, read=read, read_scoring="hybrid", read_blocks=3,
                  read_context=4)
     document = random_ids(400, 1)
@@ -265,17 +268,16 @@ def test_a_reread_is_the_stock_model_over_the_passages_and_the_prompt(read: str)
     session = lm.open_session("doc", writes=False)
     passages = lm.read_passages(session, prompt, question)
     assert 1 <= len(passages) <= 3
-    reread, inputs = lm.reread_session(session, passages, prompt, question)
     separator = lm.tokenizer("\n\n")["input_ids"]
     kept = lm.store.load_state("doc")["window_positions"].tolist()
     if read == "reread":
+        reread, inputs = lm.reread_session(session, passages, prompt)
         expected_inputs = reread_ids(document, kept, passages, separator) + prompt
         before = []
     else:  # the session has read the sinks and the window already (`prefix_session`)
-        quote = lm.tokenizer("From the document:\n")["input_ids"]
-        quote += [t for p in passages for t in document[p.start : p.end] + separator]
-        quote += lm.tokenizer("Question: ")["input_ids"]
-        expected_inputs = prompt[:2] + quote + prompt[2:]
+        reread, inputs = lm.quote_session(session, passages, "what now", chat=False)
+        quoted = "\n\n".join(lm.tokenizer.decode(document[p.start : p.end]).strip() for p in passages)
+        expected_inputs = lm.tokenizer(f"From the document:\n{quoted}\n\nQuestion: what now")["input_ids"]
         before = reread_ids(document, kept, [], separator) + separator
     assert inputs == expected_inputs
     assert len(before + inputs) < 400  # a selection, not the document

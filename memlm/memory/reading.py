@@ -21,7 +21,7 @@ each fact answers 7/8). The passage read instead:
    (`MemorySession.place_passages`), or, with `read="reread"`, the passages' text (the
    memory's state keeps every token id) runs through the model again there (`reread_ids`);
    with `read="quote"` (the default) their text is quoted in the question's own turn, right
-   before the question, after the re-read first tokens and local window (`quoted_prompt`).
+   before the question, after the re-read first tokens and local window (`MemoryLM.quote_session`).
    A text read first trims each passage to the sentences the question needs, with one either
    side within their paragraph (`question_sentences`): the rest of a ~270-token passage is
    text a small model answers from instead of the fact.
@@ -313,12 +313,6 @@ def reread_ids(token_ids: list[int], kept_positions: list[int], passages: list[P
             ids.extend(separator)
         ids.append(token_ids[position])
     return ids
-
-
-def quoted_prompt(prompt_ids: list[int], question: slice, quote: list[int]) -> list[int]:
-    """The prompt with `quote` (the passages read, as `MemoryLM.quote_ids` lays them out)
-    just before the question's own tokens: in a chat prompt, inside the user's turn."""
-    return prompt_ids[: question.start] + quote + prompt_ids[question.start :]
 
 
 def token_spans(tokenizer, document: str, sentences: Sequence[str]) -> list[tuple[int, int]]:
