@@ -270,10 +270,10 @@ class MemoryLM:
             turns = [{"role": "system", "content": system}, *turns]
         return self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=False)
 
-    def question_span(self, prompt: Prompt, chat: bool = True, system: str = "") -> slice:
-        """Where the question's own text lies in `prompt_ids(prompt, chat, system)`: the prompt,
-        or the last user turn of chat turns. A chat template's system and role tokens are the
-        same for every question and must not steer retrieval."""
+    def question_span(self, prompt: Prompt, chat: bool = True) -> slice:
+        """Where the question's own text lies in `prompt_ids(prompt, chat)`: the prompt, or the
+        last user turn of chat turns. A chat template's system and role tokens are the same for
+        every question and must not steer retrieval."""
         if isinstance(prompt, str):
             if not (chat and self.tokenizer.chat_template):
                 return slice(0, len(self.prompt_ids(prompt, chat=False)))
@@ -281,7 +281,7 @@ class MemoryLM:
         else:
             asked = last_user_turn(prompt)
             unasked = [*prompt[:asked], {**prompt[asked], "content": ""}, *prompt[asked + 1 :]]
-        return question_span(self.prompt_ids(prompt, chat, system), self.prompt_ids(unasked, chat, system))
+        return question_span(self.prompt_ids(prompt, chat), self.prompt_ids(unasked, chat))
 
     @torch.inference_mode()
     def search_with_question(
@@ -364,7 +364,9 @@ class MemoryLM:
         wanted = np.array(starts, dtype=np.int64)
         return {layer: self.store.blocks_at(session.memory, layer, wanted) for layer in range(self.shape.num_layers)}
 
-    def reread_session(self, session: MemorySession, passages: list[Passage], prompt_ids: list[int]) -> tuple[MemorySession, list[int]]:
+    def reread_session(
+        self, session: MemorySession, passages: list[Passage], prompt_ids: list[int]
+    ) -> tuple[MemorySession, list[int]]:
         """`read="reread"`: a session with no memory and the ids to run in it: the document's
         first tokens, the passages' text in document order at consecutive positions and its
         local window, then the prompt."""
@@ -552,10 +554,9 @@ class Generation:
 
 def check_generation(prompt: Prompt, memory: str | None, max_new_tokens: int, temperature: float, top_p: float) -> None:
     """Raise ValueError, saying what is wrong, for arguments `MemoryLM.stream` cannot use."""
-    if isinstance(prompt, str) or not prompt:
-        if not (prompt and prompt.strip()):
-            raise ValueError("the prompt is empty")
-    else:
+    if not prompt or isinstance(prompt, str) and not prompt.strip():
+        raise ValueError("the prompt is empty")
+    if not isinstance(prompt, str):
         for turn in prompt:
             if turn.get("role") not in CHAT_ROLES:
                 raise ValueError(f"chat message role {turn.get('role')!r}: use one of {', '.join(CHAT_ROLES)}")

@@ -55,10 +55,7 @@ def test_the_embedded_chat_prompt_searches_with_the_question_tokens_only(embedde
     asked = embedded_lm.tokenizer.decode(prompt[span])
     assert asked.strip() == question
     assert embedded_lm.question_span(question, chat=False) == slice(0, len(embedded_lm.prompt_ids(question, chat=False)))
-    system = "Answer from the document."
-    with_system = embedded_lm.prompt_ids(question, system=system)
-    assert system in embedded_lm.tokenizer.decode(with_system)
-    assert embedded_lm.tokenizer.decode(with_system[embedded_lm.question_span(question, system=system)]).strip() == question
+    assert "Answer briefly." in embedded_lm.tokenizer.decode(embedded_lm.prompt_ids(question, system="Answer briefly."))
 
 
 def test_the_quote_read_quotes_in_the_questions_turn_under_a_system_turn_of_its_own(embedded_lm, monkeypatch) -> None:
@@ -77,9 +74,8 @@ def test_the_quote_read_quotes_in_the_questions_turn_under_a_system_turn_of_its_
         # The earlier turns (about the archive, another of the document's places) steer nothing.
         turns = [{"role": "user", "content": "Is the archive open?"}, {"role": "assistant", "content": "Yes."},
                  {"role": "user", "content": task.question}]  # fmt: skip
-        span = embedded_lm.question_span(turns, system=embedded_lm.config.quote_system)
-        with_system = embedded_lm.prompt_ids(turns, system=embedded_lm.config.quote_system)
-        assert embedded_lm.tokenizer.decode(with_system[span]).strip() == task.question
+        span = embedded_lm.question_span(turns)
+        assert embedded_lm.tokenizer.decode(embedded_lm.prompt_ids(turns)[span]).strip() == task.question
         _, chat_inputs, chat_evidence = embedded_lm._read_for(session, turns, embedded_lm.prompt_ids(turns), True)
         assert chat_evidence == evidence
         asked_in_chat = embedded_lm.tokenizer.decode(chat_inputs)
