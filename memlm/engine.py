@@ -259,10 +259,10 @@ class MemoryLM:
     # -- generate -------------------------------------------------------------------------
 
     def prompt_ids(self, prompt: Prompt, chat: bool = True, system: str = "") -> list[int]:
-        """`prompt` as the model reads it: a question in the chat template's user turn, chat
-        turns in the template, each after a `system` turn when given and the turns have none
-        (otherwise the template's own); with `chat` False, or a model without a template, the
-        text alone (chat turns' contents one per line)."""
+        """`prompt` as the model reads it: a question in the chat template's user turn, or chat
+        turns in the template, led by a `system` turn when one is given and the turns bring
+        none (otherwise the template's own); with `chat` False, or a model without a template,
+        the text alone (chat turns' contents one per line)."""
         turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         if not (chat and self.tokenizer.chat_template):
             return self.text_ids("\n".join(turn["content"] for turn in turns))
@@ -421,8 +421,8 @@ class MemoryLM:
 
     @cached_property
     def paragraph_break(self) -> list[int]:
-        """Where a text read skips ahead in the document, and after each quoted passage:
-        tokenized when first needed (a Ray shard's engine has no tokenizer)."""
+        """Where a text read skips ahead in the document, and after the quote read's re-read
+        prefix: tokenized when first needed (a Ray shard's engine has no tokenizer)."""
         return self.text_ids("\n\n")
 
     def text_ids(self, text: str) -> list[int]:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from memlm.engine import quoted_prompt
 from memlm.memory.reading import (
     HeadProfile,
     Passage,
@@ -29,7 +30,6 @@ from memlm.memory.reading import (
     term_weights,
     token_spans,
 )
-from memlm.engine import quoted_prompt
 from memlm.store.base import SearchResult
 from memlm.tasks import prose_needles
 from tests.conftest import tiny_lm, tiny_model

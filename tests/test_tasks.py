@@ -295,6 +295,7 @@ def test_an_interrupted_run_continues_from_its_checkpoint_without_asking_again(t
     # Other memory settings: the plain model's answers still hold, the memory's do not.
     plain = suite.run_config("plain", None, base, docs[:1])
     checkpoint.write_text("\n".join([json.dumps(header), *(json.dumps(asdict(t)) for t in [*full, *plain])]) + "\n")
+
     def documents_of(trials: list[suite.Trial]) -> set[tuple]:
         return {(t.config, t.family, t.length, t.seed) for t in trials}
 
