@@ -29,6 +29,10 @@ StoreOpt = Annotated[
     Optional[str], typer.Option(help="Store URL: faiss, faiss:///dir, lance:///dir, grpc://host:port (env MEMLM_STORE).")
 ]
 MemoryOpt = Annotated[str, typer.Option("--memory", "-m", help="Name of the memory.")]
+EmbedderOpt = Annotated[
+    Optional[str],
+    typer.Option(help="Dense index embedder: all-MiniLM-L6-v2 (default), a sentence-transformers directory, or none."),
+]
 TopKOpt = Annotated[Optional[int], typer.Option(help="Memory blocks retrieved per head and query chunk.")]
 # What every benchmark takes: where its report goes, its file name stem, the documents' seed.
 OutDirOpt = Annotated[Path, typer.Option(help="Where to write JSON and PNG.")]
@@ -59,12 +63,20 @@ def _run_bench(run, config) -> None:
         _fail(str(error))
 
 
-def _load(model: str | None, backend: str, store: str | None, **settings):
+def _load(model: str | None, backend: str, store: str | None, embedder: str | None = None, **settings):
     from memlm.engine import MemoryLM
     from memlm.store.settings import StoreSettings
 
     overrides = {name: value for name, value in settings.items() if value is not None}
+    overrides.update(embedder_setting(embedder))
     return MemoryLM.load(model=model, backend=backend, store=StoreSettings.resolve(url=store).url, **overrides)
+
+
+def embedder_setting(embedder: str | None) -> dict:
+    """`--embedder` as MemoryConfig settings: left out, the default; "none", no dense index."""
+    if embedder is None:
+        return {}
+    return {"embedder": None if embedder.lower() == "none" else embedder}
 
 
 @app.command()
@@ -75,6 +87,7 @@ def ingest(
     backend: BackendOpt = "fot",
     store: StoreOpt = None,
     top_k: TopKOpt = None,
+    embedder: EmbedderOpt = None,
 ) -> None:
     """Read a document into a named memory (appends when the memory exists)."""
     try:
@@ -82,7 +95,7 @@ def ingest(
     except (OSError, UnicodeDecodeError) as error:
         _fail(f"cannot read {file}: {error}")
     try:
-        stats = _load(model, backend, store, top_k=top_k).ingest(text, memory=memory)
+        stats = _load(model, backend, store, embedder, top_k=top_k).ingest(text, memory=memory)
     except (ValueError, KeyError) as error:
         _fail(str(error))
     typer.echo(
@@ -99,6 +112,7 @@ def ask(
     backend: BackendOpt = "fot",
     store: StoreOpt = None,
     top_k: TopKOpt = None,
+    embedder: EmbedderOpt = None,
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 64,
     temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
@@ -113,7 +127,8 @@ def ask(
 
             pieces = (piece.text for piece in MemoryClient(server).generate(question, memory=memory, **options))
         else:
-            pieces = (p.text for p in _load(model, backend, store, top_k=top_k).stream(question, memory, **options))
+            lm = _load(model, backend, store, embedder, top_k=top_k)
+            pieces = (p.text for p in lm.stream(question, memory, **options))
         for text in pieces:
             typer.echo(text, nl=False)
         typer.echo()
@@ -208,6 +223,7 @@ def serve(
     backend: BackendOpt = "fot",
     store: StoreOpt = None,
     top_k: TopKOpt = None,
+    embedder: EmbedderOpt = None,
     dtype: Annotated[
         str, typer.Option(help="Model weights: auto (bfloat16 where the hardware has it, else float32), bfloat16, float32, float16.")
     ] = "auto",
@@ -227,7 +243,7 @@ def serve(
     """Serve the MemoryLM gRPC service (Ingest, Generate, ListMemories, DeleteMemory)."""
     from memlm.serve.model_server import ModelServerConfig, run
 
-    settings = {"top_k": top_k} if top_k is not None else {}
+    settings = {**({"top_k": top_k} if top_k is not None else {}), **embedder_setting(embedder)}
     config = ModelServerConfig(
         port=port, model=model, backend=backend, store=store, dtype=dtype, device=device, settings=settings,
         token=token, tls_cert=tls_cert, tls_key=tls_key, host=host, metrics_port=metrics_port,
@@ -390,6 +406,9 @@ def bench_backends(
 
 @bench_app.command("realdoc")
 def bench_realdoc(
+    document: Annotated[
+        str, typer.Option(help="vim (the Vim user manual) or python (the Python tutorial, ~63k tokens).")
+    ] = "vim",
     chapters: Annotated[str, typer.Option(help="Vim user manual chapters, e.g. 1-10 (~53k tokens) or 1,2.")] = "1-10",
     file: Annotated[
         Optional[Path], typer.Option(help="Another text instead of the manual (.txt, .md, .html, .pdf).")
@@ -397,19 +416,21 @@ def bench_realdoc(
     questions_file: Annotated[
         Optional[Path], typer.Option(help="JSON list of {question, answer, anchor, variants, distractors}.")
     ] = None,
-    configs: Annotated[str, typer.Option(help="Comma-separated: plain,in-window,fot,knn,xl,rmt.")] = (
-        "plain,in-window,fot,knn,rmt"
-    ),
+    configs: Annotated[
+        str, typer.Option(help="Comma-separated: plain,in-window,fot,knn,xl,rmt; fot-words: no dense index.")
+    ] = "plain,in-window,fot,knn,rmt",
     model: ModelOpt = None,
     out: OutDirOpt = Path("benchmarks/results"),
     name: NameOpt = "realdoc",
 ) -> None:
-    """Free-form QA on a real document (the Vim user manual of Debian's vim-runtime, fetched with
-    apt when missing): the plain model, the model with only the answer's chapter, and each backend."""
+    """Free-form QA on a real document (the Vim user manual of Debian's vim-runtime or the Python
+    tutorial of python3.11-doc, fetched with apt when missing): the plain model, the model with
+    only the answer's chapter, and each backend; literal and paraphrased questions apart."""
     from memlm.bench.realdoc import RealdocConfig, parse_chapters, run
 
     try:
         config = RealdocConfig(
+            document=document,
             chapters=parse_chapters(chapters),
             file=file,
             questions_file=questions_file,

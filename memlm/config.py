@@ -88,6 +88,18 @@ class MemoryConfig:
     # Quote the document exactly.", 116 under SmolLM's own ("You are a helpful AI assistant
     # named SmolLM") and 115 with the document's tokens spliced in instead of the quote's text.
     quote_system: str = "Answer with the exact words of the document."
+    # The sentence embedder of the memory's dense index (memlm/memory/dense.py): a shipped name
+    # or a sentence-transformers checkpoint directory; None reads by words (and heads) alone.
+    # Written with the memory and stamped on it: a memory refuses a reader set to another.
+    embedder: str | None = "all-MiniLM-L6-v2"
+    # The dense index's windows: `dense_window` words, one every `dense_stride` words.
+    dense_window: int = 40
+    dense_stride: int = 20
+    # Windows the question's embedding fetches for the fusion (memlm/memory/reading.py).
+    dense_top_k: int = 32
+    # Passages the first stage (words and embeddings fused) ranks; the read takes the best
+    # `read_blocks` of them. Benchmarks report the evidence's rank among these.
+    read_candidates: int = 16
     # Tokens of notes the rmt backend carries from segment to segment (read and written).
     num_mem_tokens: int = 64
     extra: dict = field(default_factory=dict)
@@ -100,11 +112,11 @@ class MemoryConfig:
             # stay in view as well: without its attention sink a pretrained model degenerates
             # once the document's start leaves the window (StreamingLLM), and recalled nothing,
             # not even a pass key 100 tokens back.
-            self.memory_layers = []
+            self.memory_layers, self.embedder = [], None
         elif self.backend == "rmt":
             # RMT segments see nothing of the past but the memory tokens: no local window,
             # no vector store.
-            self.memory_layers, self.sink_len, self.local_len = [], 0, 0
+            self.memory_layers, self.sink_len, self.local_len, self.embedder = [], 0, 0, None
 
     @property
     def mem_len(self) -> int:
@@ -122,9 +134,11 @@ class MemoryConfig:
         if self.read_scoring not in READ_SCORINGS:
             raise ValueError(f"unknown read_scoring {self.read_scoring!r}; choose one of {', '.join(READ_SCORINGS)}")
         for name in ("segment_len", "top_k", "block_len", "query_chunk", "max_memory_tokens", "num_mem_tokens",
-                     "read_top_k", "read_blocks"):
+                     "read_top_k", "read_blocks", "dense_window", "dense_stride", "dense_top_k", "read_candidates"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.dense_stride > self.dense_window:
+            raise ValueError(f"dense_stride ({self.dense_stride}) > dense_window ({self.dense_window}) leaves words unindexed")
         if self.sink_len < 0 or self.local_len < 0 or self.read_context < 0:
             raise ValueError("sink_len, local_len and read_context must be >= 0")
         if self.backend == "rmt":  # [sink ; notes ; segment ; write prompt ; new notes]
@@ -148,6 +162,11 @@ class MemoryConfig:
         key = {"block_len": self.block_len, "memory_layers": self.memory_layers, "sink_len": self.sink_len}
         if self.backend == "rmt":  # an rmt memory is a state of this size, not a window and blocks
             key["num_mem_tokens"] = self.num_mem_tokens
+        if self.embedder is not None:  # the dense index: another embedder's vectors are not comparable
+            from memlm.model.embedder import embedder_name
+
+            key["embedder"] = {"name": embedder_name(self.embedder), "window": self.dense_window,
+                               "stride": self.dense_stride}  # fmt: skip
         return key
 
     def stamp(self, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -158,7 +177,15 @@ class MemoryConfig:
     def check_stamp(self, memory: str, state: dict[str, np.ndarray]) -> None:
         """Raise ValueError when `memory`'s state was written with other storage settings."""
         stored = json.loads(bytes(state["storage_key"]).decode())
-        if stored != json.loads(json.dumps(self.storage_key())):
+        mine = json.loads(json.dumps(self.storage_key()))
+        if stored.get("embedder") != mine.get("embedder"):
+            written = stored.get("embedder") or {"name": None}
+            raise ValueError(
+                f"memory {memory!r} was indexed with embedder {written['name']!r} ({stored.get('embedder')}); "
+                f"this model is set to {self.embedder!r} ({mine.get('embedder')}): load it with that embedder "
+                f"and window (--embedder), or ingest into a new memory name"
+            )
+        if stored != mine:
             raise ValueError(
                 f"memory {memory!r} was written with {stored}; this model is set to "
                 f"{self.storage_key()}: use the same settings or a new memory name"

@@ -22,7 +22,9 @@ from tqdm.auto import tqdm
 from memlm.config import MemoryConfig
 from memlm.memory.backends import make_backend
 from memlm.memory.base import Logits, Retrieval, Session
+from memlm.memory.dense import search_windows, window_block_scores, write_windows
 from memlm.memory.reading import (
+    CONTEXT_WEIGHT,
     HeadProfile,
     Passage,
     Words,
@@ -41,6 +43,7 @@ from memlm.memory.reading import (
 from memlm.memory.recurrent import RecurrentSession
 from memlm.memory.session import MemorySession
 from memlm.model.adapter import load_adapter, shipped_adapter
+from memlm.model.embedder import Embedder
 from memlm.model.install import install_memory_attention
 from memlm.model.loading import load_model, resolve_dtype
 from memlm.store import MemoryNotFound, VectorStore, check_memory_name, open_store
@@ -94,6 +97,9 @@ class GenerationResult:
     evidence: list[Passage] = field(default_factory=list)
     # Document token ranges always in front of the model: the sinks and the local window.
     in_view: list[tuple[int, int]] = field(default_factory=list)
+    # The passage read's first stage: the best `read_candidates` passages of the fused
+    # ranking, ranked (the read takes the best `read_blocks`).
+    candidates: list[Passage] = field(default_factory=list)
 
 
 class MemoryLM:
@@ -112,6 +118,7 @@ class MemoryLM:
         self._token_texts: dict[int, str] = {}  # `token_texts`' decoded tokens
         self._prefixes: OrderedDict[tuple[int, ...], MemorySession] = OrderedDict()  # `prefix_session`'s, newest last
         self._prefixes_guard = threading.Lock()
+        self._question_vector: tuple[str | None, np.ndarray | None] = (None, None)
 
     @classmethod
     def load(
@@ -144,6 +151,15 @@ class MemoryLM:
         if heads is not None:
             lm.head_profile = HeadProfile.load(heads, lm.shape.num_layers, lm.shape.num_heads)
         return lm
+
+    @property
+    def embedder(self) -> Embedder | None:
+        """The dense index's sentence embedder (`config.embedder`), loaded on first use (once
+        per process); None when there is none, or no memory layer to read passages for."""
+        config = self.config
+        if config.embedder is None or not config.layer_indices(self.shape.num_layers):
+            return None
+        return Embedder.load(config.embedder)
 
     # -- memories -------------------------------------------------------------------------
 
@@ -237,7 +253,9 @@ class MemoryLM:
                         out = self.forward(session, segment, logits="all" if return_logits else "none")
                         if return_logits:
                             logits.append(out)
+                        self.index_windows(session, final=False)
                         bar.update(len(segment))
+                    self.index_windows(session, final=True)
                 self.commit(memory, session)
             except BaseException:
                 self.store.rollback(memory)
@@ -255,6 +273,17 @@ class MemoryLM:
             memory_tokens=self.store.stats(memory).tokens,
             logits=torch.cat(logits) if return_logits else None,
         )
+
+    def index_windows(self, session: Session, final: bool) -> None:
+        """Embed the text an ingest has read so far into the memory's dense index (its windows
+        whose words are all in; with `final`, the rest): in step with the ingest, so that its
+        progress is the ingest's and a rollback drops both."""
+        if self.embedder is None or not isinstance(session, MemorySession):
+            return
+        config, done = self.config, session.dense_from
+        session.dense_from = write_windows(self.store, session.memory, self.embedder,
+                                           self.token_texts(session.token_ids[done:]), done,
+                                           config.dense_window, config.dense_stride, final)  # fmt: skip
 
     # -- generate -------------------------------------------------------------------------
 
@@ -299,30 +328,44 @@ class MemoryLM:
                 found[layer] = self.store.search(session.memory, layer, search, self.config.read_top_k)
         return found
 
-    def read_passages(self, session: MemorySession, prompt_ids: list[int], question: slice) -> list[Passage]:
+    def read_passages(
+        self, session: MemorySession, prompt_ids: list[int], question: slice, context: str = ""
+    ) -> tuple[list[Passage], list[Passage]]:
         """The passage read's selection (memlm/memory/reading.py): the question's rare words in
-        the blocks' text, the retrieval heads' votes from the question's search in every layer
-        with one, or both fused (`read_scoring`); then the passages."""
+        the blocks' text, its embedding against the dense index's windows, the retrieval
+        heads' votes from the question's search in every layer with one, fused by reciprocal
+        rank (`read_scoring` and `embedder` choose which). `context`: the earlier chat turns'
+        text, which a follow-up question leans on. Returns the passages read (the best
+        `read_blocks`) and the first stage's `read_candidates` (for benchmarks)."""
         config = self.config
+        # The blocks the store still holds: the newest ones before the local window (FIFO).
+        in_window = session.positions[session.sink_count :]
+        window_start = int(in_window[0]) if len(in_window) else len(session.token_ids)
+        held = min((n for layer, n in self.store.stats(session.memory).blocks_per_layer.items() if layer >= 0),
+                   default=0)  # fmt: skip
+        oldest = max(config.sink_len, window_start - held * config.block_len)
         rankings = []
-        if config.read_scoring != "attention":
-            # The blocks the store still holds: the newest ones before the local window (FIFO).
-            in_window = session.positions[session.sink_count :]
-            window_start = int(in_window[0]) if len(in_window) else len(session.token_ids)
-            held = min(self.store.stats(session.memory).blocks_per_layer.values(), default=0)
-            oldest = max(config.sink_len, window_start - held * config.block_len)
-            words, question_words = self.words(session.token_ids), self.words(prompt_ids[question]).text
+        if config.read_scoring in ("lexical", "hybrid"):
+            words, asked = self.words(session.token_ids), self.words(prompt_ids[question]).text
+            earlier = self.words(self.text_ids(context)).text if context else ()
             if config.read == "quote":
                 # The quote read quotes text, so the sinks' and the local window's too: in view
                 # but far from the question, the model answered 1 of 12 facts there (eval_words,
                 # 2k tokens) against 30 of 30 quoted from the store. Evicted blocks stay forgotten.
-                scores = lexical_scores(words, question_words, config.block_len, 0, len(session.token_ids))
+                scores = lexical_scores(words, asked, config.block_len, 0, len(session.token_ids), earlier)
                 scores = {start: score for start, score in scores.items() if not config.sink_len <= start < oldest}
             else:
-                scores = lexical_scores(words, question_words, config.block_len, oldest, window_start)
+                scores = lexical_scores(words, asked, config.block_len, oldest, window_start, earlier)
             rankings.append(scores)
-        # "lexical" falls back on the votes when no word of the question is in the memory.
-        if config.read_scoring != "lexical" or not rankings[0]:
+        query = self.question_vector(prompt_ids[question], context)
+        if query is not None and config.read_scoring != "attention":
+            windows = search_windows(self.store, session.memory, query, config.dense_top_k)
+            end = len(session.token_ids) if config.read == "quote" else window_start
+            windows = [w for w in windows if w.start < end]
+            rankings.append(window_block_scores(windows, config.block_len, config.sink_len, oldest))
+        rankings = [ranking for ranking in rankings if ranking]
+        # The heads' votes; for the other scorings, when neither words nor windows found anything.
+        if config.read_scoring in ("attention", "hybrid") or not rankings:
             weights = self.head_profile.weights
             voting = [layer for layer in range(len(weights)) if weights[layer].any()]
             votes = new_votes()
@@ -331,17 +374,42 @@ class MemoryLM:
                     add_votes(votes, found, weights[layer])
             rankings.append(votes)
         scores = fuse(rankings) if len(rankings) > 1 else rankings[0]
-        return select_passages(scores, config.block_len, config.read_blocks, config.read_context,
-                               len(session.token_ids), grid=config.sink_len)  # fmt: skip
+        candidates = select_passages(scores, config.block_len, max(config.read_candidates, config.read_blocks),
+                                     config.read_context, len(session.token_ids), grid=config.sink_len)  # fmt: skip
+        # The read takes the best passages of the first stage whole (each its best block with
+        # whatever other candidate blocks lie next to it): the trim picks their sentences.
+        return [p for p in candidates if p.rank < config.read_blocks], candidates
 
-    def sentences_for(self, token_ids: list[int], passages: list[Passage], question_ids: list[int]) -> list[Passage]:
+    def question_vector(self, question_ids: list[int], context: str = "") -> np.ndarray | None:
+        """The question's embedding (dim,), with the earlier chat turns it leans on; None
+        without an embedder. Kept for the last question: the read and the trim both ask."""
+        if self.embedder is None:
+            return None
+        text = f"{context}\n{self.tokenizer.decode(question_ids).strip()}".strip()
+        cached = self._question_vector  # one read: another thread may replace it
+        if cached[0] != text:
+            cached = self._question_vector = (text, self.embedder.embed([text])[0])
+        return cached[1]
+
+    def sentences_for(
+        self, token_ids: list[int], passages: list[Passage], question_ids: list[int], context: str = ""
+    ) -> list[Passage]:
         """The sentences of each passage the question needs (`reading.question_sentences`),
-        its words weighed by how rare they are across the whole document."""
-        question = self.words(question_ids).text
-        weights = term_weights(self.words(token_ids).holding(question, self.config.block_len, 0, len(token_ids)))
+        its words weighed by how rare they are across the whole document (an earlier chat
+        turn's at CONTEXT_WEIGHT)."""
+        asked = set(self.words(question_ids).text)
+        earlier = set(self.words(self.text_ids(context)).text) if context else set()
+        holding = self.words(token_ids).holding(asked | earlier, self.config.block_len, 0, len(token_ids))
+        weights = {word: weight * (1.0 if word in asked else CONTEXT_WEIGHT)
+                   for word, weight in term_weights(holding).items()}  # fmt: skip
+        similarity = None
+        query = self.question_vector(question_ids, context)
+        if query is not None:
+            similarity = lambda texts: self.embedder.embed(texts) @ query  # noqa: E731
         found = []
         for passage in passages:
-            found += question_sentences(passage, self.token_texts(token_ids[passage.start : passage.end]), weights)
+            pieces = self.token_texts(token_ids[passage.start : passage.end])
+            found += question_sentences(passage, pieces, weights, similarity)
         return found
 
     def words(self, token_ids: Sequence[int]) -> Words:
@@ -464,7 +532,7 @@ class MemoryLM:
         with self._lock(memory or ""):
             session = self.open_session(memory, writes=False)
             in_view = session.in_view()
-            session, inputs, evidence = self._read_for(session, prompt, prompt_ids, chat)
+            session, inputs, evidence, candidates = self._read_for(session, prompt, prompt_ids, chat)
         used = session.window_end + len(inputs) + max_new_tokens
         if self.config.position_mode != "exact" and used > self.max_positions:
             raise ValueError(
@@ -495,29 +563,30 @@ class MemoryLM:
             yield Piece(piece, token, "length" if last else None)
             if not last:
                 logits = self.forward(session, [token], logits="last")[-1]
-        return GenerationResult(text.text, text.token_ids, finish, len(prompt_ids), retrieved, evidence, in_view)
+        return GenerationResult(text.text, text.token_ids, finish, len(prompt_ids), retrieved, evidence, in_view,
+                                candidates)
 
     def _read_for(
         self, session: Session, prompt: Prompt, prompt_ids: list[int], chat: bool
-    ) -> tuple[Session, list[int], list[Passage]]:
+    ) -> tuple[Session, list[int], list[Passage], list[Passage]]:
         """The question's passage read (`config.read`): the session to generate in, the token
-        ids to run in it (ending with the prompt), and the passages read. The bag read, or no
-        memory to read: the session as it is and the prompt."""
+        ids to run in it (ending with the prompt), the passages read and the first stage's
+        candidates. The bag read, or no memory to read: the session as it is and the prompt."""
         if self.config.read == "bag" or not session.has_memory:
-            return session, prompt_ids, []
-        question = self.question_span(prompt, chat)
-        evidence = self.read_passages(session, prompt_ids, question)
+            return session, prompt_ids, [], []
+        question, context = self.question_span(prompt, chat), earlier_turns(prompt)
+        evidence, candidates = self.read_passages(session, prompt_ids, question, context)
         if self.config.read == "passages" and len(session.memory_layers) == self.shape.num_layers:
             session.place_passages(self.fetch_passages(session, evidence))
-            return session, prompt_ids, evidence
+            return session, prompt_ids, evidence, candidates
         # "quote", "reread", or memory in some layers only: the others hold no passage keys.
         if self.config.read_sentences:
-            evidence = self.sentences_for(session.token_ids, evidence, prompt_ids[question])
+            evidence = self.sentences_for(session.token_ids, evidence, prompt_ids[question], context)
         if self.config.read == "quote":
             session, inputs = self.quote_session(session, evidence, prompt, chat)
         else:
             session, inputs = self.reread_session(session, evidence, prompt_ids)
-        return session, inputs, evidence
+        return session, inputs, evidence, candidates
 
     def generate(self, prompt: Prompt, memory: str | None = None, **options) -> str:
         return "".join(piece.text for piece in self.stream(prompt, memory, **options))
@@ -583,6 +652,15 @@ def quoted_prompt(prompt: Prompt, quote: str) -> Prompt:
     asked = last_user_turn(turns)
     turns[asked] = {**turns[asked], "content": quote + turns[asked]["content"]}
     return turns
+
+
+def earlier_turns(prompt: Prompt) -> str:
+    """The text of the chat turns before the question (user and assistant; not the system
+    turn, which is the same for every question): what a follow-up question leans on."""
+    if isinstance(prompt, str):
+        return ""
+    asked = last_user_turn(prompt)
+    return "\n".join(turn["content"] for turn in prompt[:asked] if turn["role"] != "system").strip()
 
 
 def last_user_turn(turns: Sequence[Mapping[str, str]]) -> int:

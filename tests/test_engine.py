@@ -42,7 +42,8 @@ def test_generation_from_memory_equals_stock_greedy_over_whole_context() -> None
 
 @pytest.mark.parametrize("read", ["passages", "bag"])
 def test_generation_reads_memory_and_does_not_change_it(read: str) -> None:
-    lm = tiny_lm(segment_len=16, sink_len=4, local_len=16, block_len=4, top_k=2, read=read, read_blocks=2, read_context=4)
+    lm = tiny_lm(segment_len=16, sink_len=4, local_len=16, block_len=4, top_k=2, read=read, read_blocks=2,
+                 read_candidates=2, read_context=4)
     lm.ingest_tokens(random_ids(300, 6), "doc", progress=False)
     before = lm.store.stats("doc"), lm.store.load_state("doc")["next_position"]
     result = lm.generate_full("what now", memory="doc", chat=False, max_new_tokens=5)

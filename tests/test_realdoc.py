@@ -1,5 +1,7 @@
 """The real-document benchmark's written questions: well formed, spread over the manual, and
 each answer really stated where its anchor says (when the Vim manual is installed here); the
+same for the Python tutorial's questions, whose paraphrased half shares no content word with
+its anchors (the tutorial is downloaded with apt-get when not installed; skipped offline); the
 questions file format loads and is checked. No model runs."""
 
 from __future__ import annotations
@@ -8,7 +10,8 @@ import json
 
 import pytest
 
-from memlm.bench import realdoc
+from memlm.bench import pytutorial, realdoc
+from memlm.bench.pytutorial import content_words
 from memlm.bench.realdoc import QUESTIONS, RealDocument, build_tasks, load_questions, parse_chapters
 from memlm.tasks import score_answer
 
@@ -67,3 +70,54 @@ def test_questions_file(tmp_path):
     path.write_text(json.dumps([{"question": "What is the code?", "answer": "9999"}]))
     with pytest.raises(ValueError, match="not in the document"):
         build_tasks(RealDocument(text, "inline"), load_questions(path))
+
+
+# -- the Python tutorial ------------------------------------------------------------------------
+
+
+def test_python_questions_are_well_formed():
+    questions = pytutorial.QUESTIONS
+    assert len(questions) >= 24 and len({q.question for q in questions}) == len(questions)
+    for q in questions:
+        assert q.question.strip() and q.answer.strip() and q.chapter is not None, q.question
+        assert 1 <= q.chapter <= len(pytutorial.CHAPTERS), q.question
+        assert any(score_answer(q.anchor, answer) for answer in (q.answer, *q.variants)), q.question
+        assert not any(score_answer(q.answer, wrong) for wrong in q.distractors), q.question
+        # The question does not give its answer away.
+        assert not any(score_answer(q.question, answer) for answer in (q.answer, *q.variants)), q.question
+        shared = content_words(q.question) & content_words(q.anchor)
+        if q.paraphrased:  # found by meaning only: no content word, nor a form of one, in common
+            assert not shared, (q.question, shared)
+        else:  # found by its words, as most first questions are
+            assert shared, q.question
+    paraphrased = sum(q.paraphrased for q in questions)
+    assert abs(paraphrased - (len(questions) - paraphrased)) <= 1
+    assert {q.chapter for q in questions} == set(range(1, len(pytutorial.CHAPTERS) + 1))  # every chapter asked about
+    # Both kinds from the start of the text to its end, not one kind bunched in a few chapters.
+    for kind in (True, False):
+        chapters = [q.chapter for q in questions if q.paraphrased is kind]
+        assert min(chapters) <= 2 and max(chapters) >= 15, kind
+
+
+def test_content_words():
+    assert content_words("Which keyword stops the loops?") == content_words("keyword stop loop")
+    assert content_words("sorted uses") == content_words("sort used")
+    assert content_words("The classes of it") == content_words("class")
+    assert not content_words("What is the one that does it?")
+
+
+def test_every_python_answer_is_in_the_tutorial():
+    try:  # installed, or downloaded with apt-get: skipped where neither works (offline, not Debian)
+        document = pytutorial.python_tutorial()
+    except ValueError as error:
+        pytest.skip(str(error))
+    assert sorted(document.chapters) == list(range(1, len(pytutorial.CHAPTERS) + 1))
+    tasks = build_tasks(document, list(pytutorial.QUESTIONS))  # raises when an anchor or answer is missing
+    for q, task in zip(pytutorial.QUESTIONS, tasks):
+        start, end = document.chapters[q.chapter]
+        assert task.chapter == q.chapter and start <= task.offset < end, q.question
+        assert q.answer in document.text[start:end], q.question
+        # Evidence recall finds the evidence by its first occurrence: it must be the anchor's.
+        assert document.text.find(task.evidence[0]) == task.offset, q.question
+    depths = [t.depth for t in tasks]
+    assert depths == sorted(depths) and depths[0] < 0.1 and depths[-1] > 0.85  # start to end of the text

@@ -51,9 +51,11 @@ from memlm.store import FaissStore
 
 # "plain": the model alone, its input cut to its window; "<backend>-<variant>": fot or knn with
 # another read (MemoryConfig.read: the passages re-read in document order, their stored keys and
-# values, the per-head read) or the passage read scored otherwise (MemoryConfig.read_scoring).
+# values, the per-head read) or the passage read scored otherwise (MemoryConfig.read_scoring);
+# "-words": without the dense index (embedder None: words, else the heads' votes).
 CONFIGS: tuple[str, ...] = (
     "plain", *BACKENDS, "fot-reread", "fot-passages", "fot-hybrid", "fot-attention", "fot-bag", "knn-bag",
+    "fot-words", "knn-words",
 )
 DEFAULT_CONFIGS: tuple[str, ...] = ("plain", *BACKENDS)
 LONG_LENGTH = 128_000
@@ -115,7 +117,9 @@ def config_lm(name: str, hf_model, tokenizer, model: str | None, store: FaissSto
         return None
     backend, _, variant = name.partition("-")
     settings = dict(backend=backend)
-    if variant:
+    if variant == "words":
+        settings["embedder"] = None
+    elif variant:
         settings["read" if variant in READ_MODES else "read_scoring"] = variant
     store = store if store is not None else FaissStore(None)
     if config_adapter(backend, model) is not None:
@@ -213,12 +217,7 @@ def summarize(trials: list[Trial], config: EvalConfig) -> tuple[dict, dict, dict
                 accuracy[kind][name][str(length)] = accuracy_cell(sum(t.right for t in cell), len(cell))
                 scored = [t for t in cell if t.evidence_read is not None]
                 read = sum(t.evidence_read for t in scored)
-                ranks = [t.evidence_rank for t in scored if t.evidence_rank is not None]  # read from memory
-                evidence[kind][name][str(length)] = {
-                    "read": read, "n": len(scored), "recall": read / len(scored) if scored else None,
-                    "ci95": list(wilson(read, len(scored))),
-                    "median_rank": float(np.median(ranks)) if ranks else None,
-                }  # fmt: skip
+                evidence[kind][name][str(length)] = evidence_cell(scored)
         reference = in_window_reference(accuracy[kind], config)
         for name in config.configs:
             retention[kind][name] = {
@@ -226,6 +225,21 @@ def summarize(trials: list[Trial], config: EvalConfig) -> tuple[dict, dict, dict
                 for length, cell in ((n, accuracy[kind][name][str(n)]) for n in config.all_lengths)
             }
     return accuracy, retention, evidence
+
+
+def evidence_cell(scored: list[Trial]) -> dict:
+    """{read, n, recall, ci95, median_rank, first_stage, first_stage_ci95} of trials whose
+    evidence was scored: `read` had it in front of the model, `first_stage` among the first
+    stage's candidates (or in view); the median rank of the passage read that brought it."""
+    read = sum(t.evidence_read for t in scored)
+    found = sum(bool(t.candidate_found) for t in scored)
+    ranks = [t.evidence_rank for t in scored if t.evidence_rank is not None]  # read from memory
+    return {
+        "read": read, "n": len(scored), "recall": read / len(scored) if scored else None,
+        "ci95": list(wilson(read, len(scored))), "median_rank": float(np.median(ranks)) if ranks else None,
+        "first_stage": found, "first_stage_recall": found / len(scored) if scored else None,
+        "first_stage_ci95": list(wilson(found, len(scored))),
+    }  # fmt: skip
 
 
 def in_window_reference(by_config: dict, config: EvalConfig) -> float | None:
@@ -247,7 +261,8 @@ def print_table(report: dict) -> None:
             print(f"{kind:<18}{name:<7}" + "".join(f"{c:>24}" for c in cells)
                   + "".join(f"{'-' if r is None else f'{r:.2f}':>10}" for r in kept))  # fmt: skip
     print("\nevidence recall: the share of questions whose evidence sentences the read placed in front of the model"
-          " [95% Wilson interval] (n), median rank of the passage holding it")
+          " [95% Wilson interval] (n), median rank of the passage holding it, and @N the share whose evidence"
+          " was among the first stage's candidates")
     for kind, by_config in report.get("evidence", {}).items():
         for name, by_length in by_config.items():
             cells = []
@@ -257,9 +272,11 @@ def print_table(report: dict) -> None:
                     cells.append("-")
                     continue
                 rank = "-" if cell["median_rank"] is None else f"{cell['median_rank']:.0f}"
-                cells.append(f"{cell['recall']:.2f} [{cell['ci95'][0]:.2f},{cell['ci95'][1]:.2f}] ({cell['n']}) r{rank}")
+                first = cell.get("first_stage_recall")
+                first = "" if first is None else f" @N {first:.2f}"
+                cells.append(f"{cell['recall']:.2f} [{cell['ci95'][0]:.2f},{cell['ci95'][1]:.2f}] ({cell['n']}) r{rank}{first}")
             if any(c != "-" for c in cells):
-                print(f"{kind:<18}{name:<7}" + "".join(f"{c:>30}" for c in cells))
+                print(f"{kind:<18}{name:<7}" + "".join(f"{c:>36}" for c in cells))
 
 
 def depth_grid(trials: list[dict], lengths: list[int]) -> list[list[float]]:

@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
-from memlm.bench.eval import config_lm
+from memlm.bench.eval import config_lm, evidence_cell
 from memlm.bench.report import (
     BENCH_DTYPE,
     accuracy_cell,
@@ -61,7 +61,7 @@ from memlm.tasks import Task, score_answer
 
 # "plain": the model alone, its input cut to its window; "in-window": the model alone with the
 # chapter that holds the answer; the rest are memory backends.
-CONFIGS: tuple[str, ...] = ("plain", "in-window", *BACKENDS)
+CONFIGS: tuple[str, ...] = ("plain", "in-window", *BACKENDS, "fot-words", "knn-words")  # -words: no dense index
 DEFAULT_CONFIGS: tuple[str, ...] = ("plain", "in-window", "fot", "knn", "rmt")
 DEFAULT_CHAPTERS: tuple[int, ...] = tuple(range(1, 11))  # 52,920 tokens of the embedded model's tokenizer
 VIM_DOCS = "/usr/share/vim/vim*/doc"  # where Debian's vim-runtime installs the manual
@@ -79,6 +79,8 @@ class Question:
     chapter: int | None = None  # the manual's chapter that holds the anchor; None for a user's file
     variants: tuple[str, ...] = ()  # other ways to write a right answer
     distractors: tuple[str, ...] = ()  # wrong answers the document also offers (see Task.distractors)
+    # Shares no rare word with its anchor: the read must find it by meaning, not by its words.
+    paraphrased: bool = False
 
 
 # Written for the Vim 9.0 user manual; every anchor is checked against the text by
@@ -87,7 +89,7 @@ class Question:
 QUESTIONS: tuple[Question, ...] = (
     Question("Which program teaches Vim with a hands-on tutorial?", "vimtutor",
              "Instead of reading the text (boring!) you can use the vimtutor to learn", 1,
-             variants=("gvimtutor",)),
+             variants=("gvimtutor",), paraphrased=True),
     Question("In Vim's Normal mode, which command deletes the whole current line?", "dd",
              'To delete a whole line use the "dd" command.', 2, distractors=("x", "dw")),
     Question('What does the "u" command do in Vim?', "undo",
@@ -103,7 +105,7 @@ QUESTIONS: tuple[Question, ...] = (
     Question("Which Vim command deletes a word?", "dw",
              'The "dw" command deletes a word.', 4, variants=("daw", "diw"), distractors=("dd", "x")),
     Question('Which two-letter Vim command swaps two characters, to fix a typo such as "teh"?', "xp",
-             'and execute the command "xp".', 4),
+             'and execute the command "xp".', 4, paraphrased=True),
     Question("On Unix, which file in your home directory holds the settings Vim reads when it starts?",
              "~/.vimrc", "For Unix and Macintosh this file is always used and is recommended: ~/.vimrc", 5,
              variants=("vimrc",)),
@@ -111,18 +113,18 @@ QUESTIONS: tuple[Question, ...] = (
              "It all starts with one simple command: > :syntax enable", 6,
              variants=("syntax enable", "syntax on")),
     Question("Which Vim command saves the current file and moves on to the next file in the argument list?",
-             ":wnext", "There is a special command for this: > :wnext", 7, variants=("wnext",)),
+             ":wnext", "There is a special command for this: > :wnext", 7, variants=("wnext",), paraphrased=True),
     Question("Which Vim command closes all windows except the current one?", ":only",
-             "this command will be useful: > :only", 8, variants=("CTRL-W o", "ctrl+w o")),
+             "this command will be useful: > :only", 8, variants=("CTRL-W o", "ctrl+w o"), paraphrased=True),
     Question("Which command, typed in a shell, starts Vim showing the differences between two files?",
-             "vimdiff", "vimdiff main.c~ main.c", 8),
+             "vimdiff", "vimdiff main.c~ main.c", 8, paraphrased=True),
     Question("Which command starts Vim with its graphical user interface?", "gvim",
-             "gvim file.txt vim -g file.txt", 9, variants=("vim -g",)),
+             "gvim file.txt vim -g file.txt", 9, variants=("vim -g",), paraphrased=True),
     Question("After recording a macro into register a in Vim, which command replays it?", "@a",
-             'command "@a" three times.', 10, distractors=("qa",)),
+             'command "@a" three times.', 10, distractors=("qa",), paraphrased=True),
     Question("Which Vim command finds the lines that match a pattern and executes a command on each of them?",
              ":global", 'The ":global" command is one of the more powerful features of Vim.', 10,
-             variants=(":g",)),
+             variants=(":g",), paraphrased=True),
     Question("Which command-line argument makes Vim recover a file from its swap file after a crash?", "-r",
              'with the "-r" argument added: > vim -r help.txt', 11),
     Question("Which Vim Normal-mode command counts the words in the whole file?", "g CTRL-G",
@@ -154,14 +156,19 @@ class RealdocTask(Task):
     variants: tuple[str, ...] = ()
     chapter: int | None = None
     offset: int = 0  # character where the anchor starts in the document
+    paraphrased: bool = False  # see Question
 
     def score(self, output: str) -> bool:
         return any(score_answer(output, answer, self.distractors) for answer in (self.answer, *self.variants))
 
 
+DOCUMENTS: tuple[str, ...] = ("vim", "python")  # the Vim user manual; the Python tutorial (memlm/bench/pytutorial.py)
+
+
 @dataclass
 class RealdocConfig:
-    chapters: list[int] = field(default_factory=lambda: list(DEFAULT_CHAPTERS))
+    document: str = "vim"  # which real document (DOCUMENTS), when no --file is given
+    chapters: list[int] = field(default_factory=lambda: list(DEFAULT_CHAPTERS))  # of the Vim manual
     file: Path | None = None  # another text instead of the manual; needs `questions_file`
     questions_file: Path | None = None  # JSON list of Question fields
     configs: list[str] = field(default_factory=lambda: list(DEFAULT_CONFIGS))
@@ -171,6 +178,7 @@ class RealdocConfig:
 
     def validate(self) -> None:
         check_names("configuration", self.configs, CONFIGS)
+        check_names("document", [self.document], DOCUMENTS)
         if not self.configs:
             raise ValueError("no configuration to run")
         if self.file is not None and self.questions_file is None:
@@ -272,7 +280,8 @@ def load_questions(path: Path) -> list[Question]:
             raise ValueError(f"{path}: question {i} needs non-empty 'question' and 'answer' strings")
         questions.append(Question(item["question"], item["answer"], item.get("anchor") or item["answer"],
                                   variants=tuple(item.get("variants", ())),
-                                  distractors=tuple(item.get("distractors", ()))))  # fmt: skip
+                                  distractors=tuple(item.get("distractors", ())),
+                                  paraphrased=bool(item.get("paraphrased", False))))  # fmt: skip
     return questions
 
 
@@ -299,7 +308,8 @@ def build_tasks(document: RealDocument, questions: list[Question]) -> list[Reald
         # The anchor as the document writes it is the evidence a memory's read must bring.
         tasks.append(RealdocTask(document.text, q.question, q.answer, offset / len(document.text), kind="realdoc",
                                  evidence=(found.group(),), distractors=q.distractors, answer_tokens=ANSWER_TOKENS,
-                                 variants=q.variants, chapter=document.chapter_at(offset), offset=offset))  # fmt: skip
+                                 variants=q.variants, chapter=document.chapter_at(offset), offset=offset,
+                                 paraphrased=q.paraphrased))  # fmt: skip
     return tasks
 
 
@@ -307,6 +317,13 @@ def document_and_tasks(config: RealdocConfig) -> tuple[RealDocument, list[Realdo
     if config.file is not None:
         document = RealDocument(read_document(Path(config.file)), str(config.file))
         return document, build_tasks(document, load_questions(config.questions_file))
+    if config.document == "python":
+        from memlm.bench.pytutorial import QUESTIONS as PYTHON_QUESTIONS
+        from memlm.bench.pytutorial import python_tutorial
+
+        document = python_tutorial()
+        questions = load_questions(config.questions_file) if config.questions_file else list(PYTHON_QUESTIONS)
+        return document, build_tasks(document, questions)
     document = vim_manual(config.chapters)
     if config.questions_file is not None:
         return document, build_tasks(document, load_questions(config.questions_file))
@@ -343,6 +360,7 @@ def evaluate(config: RealdocConfig) -> dict:
     tokens = len(tokenizer(document.text, add_special_tokens=False)["input_ids"])
     print(f"{document.source}: {tokens} tokens, {len(tasks)} questions; the model's window is "
           f"{base.max_positions} tokens")  # fmt: skip
+    paraphrased = {task.question: task.paraphrased for task in tasks}
     whole = [("realdoc", tokens, 0, list(tasks))]  # one document, ingested once per backend
     trials, seconds = [], {}
     for name in config.configs:
@@ -357,13 +375,11 @@ def evaluate(config: RealdocConfig) -> dict:
             trials += run_config(name, lm, base, whole)
             del lm  # a backend with an adapter holds its own copy of the model
         seconds[name] = time.perf_counter() - started
-    accuracy = {}
-    for name in config.configs:
-        mine = [t for t in trials if t.config == name]
-        scored = [t for t in mine if t.evidence_read is not None]  # the memory backends that read passages
-        accuracy[name] = {**accuracy_cell(sum(t.right for t in mine), len(mine)),
-                          "not_run": sum(t.visible is False for t in mine),
-                          "evidence": accuracy_cell(sum(t.evidence_read for t in scored), len(scored))}  # fmt: skip
+    accuracy = {name: realdoc_cell([t for t in trials if t.config == name]) for name in config.configs}
+    # Literal questions repeat a rare word of their answer's sentence; paraphrased ones do not.
+    by_kind = {kind: {name: realdoc_cell([t for t in trials if t.config == name and
+                                          paraphrased[t.question] == (kind == "paraphrased")])
+                      for name in config.configs} for kind in ("literal", "paraphrased")}  # fmt: skip
     return {
         "document": {"source": document.source, "package": document.package, "version": document.version,
                      "chapters": sorted(document.chapters) or None, "characters": len(document.text),
@@ -374,13 +390,24 @@ def evaluate(config: RealdocConfig) -> dict:
         "configs": config.configs,
         "questions": [{"question": t.question, "answer": t.answer, "variants": list(t.variants),
                        "distractors": list(t.distractors), "chapter": t.chapter, "offset": t.offset,
-                       "depth": round(t.depth, 4)} for t in tasks],  # fmt: skip
+                       "depth": round(t.depth, 4), "paraphrased": t.paraphrased} for t in tasks],  # fmt: skip
         "accuracy": accuracy,
+        "by_kind": by_kind,
+        "read": {"embedder": MemoryConfig().embedder, "read_blocks": MemoryConfig().read_blocks,
+                 "read_candidates": MemoryConfig().read_candidates},
         "seconds": seconds,
         # Trial.tokens: what that configuration's document held (for in-window, the chapter);
         # visible False: the plain model's window lacked the answer, so it was not run.
         "trials": [asdict(t) for t in trials],
     }
+
+
+def realdoc_cell(trials: list) -> dict:
+    """Accuracy with its Wilson interval, how many the plain model could not run, and for the
+    memory backends that read passages, evidence recall and the first stage's (`evidence_cell`)."""
+    scored = [t for t in trials if t.evidence_read is not None]
+    return {**accuracy_cell(sum(t.right for t in trials), len(trials)),
+            "not_run": sum(t.visible is False for t in trials), "evidence": evidence_cell(scored)}  # fmt: skip
 
 
 def run(config: RealdocConfig) -> dict:
@@ -394,12 +421,22 @@ def print_table(report: dict) -> None:
     doc = report["document"]
     package = f" [{doc['package']} {doc['version']}]" if doc["package"] else ""
     print(f"\n{doc['source']}{package}: {doc['tokens']} tokens; model window {report['model_window']} tokens")
-    print(f"{'config':<11}{'accuracy':>9}  {'95% Wilson':<13}{'right':>7}{'not run':>9}{'seconds':>9}"
-          f"  evidence read (the anchor in front of the model)")  # fmt: skip
-    for name, cell in report["accuracy"].items():
-        evidence = accuracy_text(cell["evidence"]) if cell["evidence"]["n"] else "-"
-        print(f"{name:<11}{cell['accuracy']:>9.2f}  [{cell['ci95'][0]:.2f}, {cell['ci95'][1]:.2f}]"
-              f"{cell['right']:>5}/{cell['n']:<3}{cell['not_run']:>7}{report['seconds'][name]:>9.0f}  {evidence}")  # fmt: skip
+    print(f"{'config':<11}{'questions':<12}{'accuracy':>9}  {'95% Wilson':<13}{'right':>7}{'not run':>9}"
+          f"  evidence read (the anchor in front of the model) / first stage (among the candidates)")  # fmt: skip
+    rows = [("all", report["accuracy"])] + list(report.get("by_kind", {}).items())
+    for name in report["configs"]:
+        for kind, cells in rows:
+            cell = cells[name]
+            if not cell["n"]:
+                continue
+            evidence = cell["evidence"]
+            read = "-"
+            if evidence["n"]:
+                read = (f"{evidence['read']}/{evidence['n']} [{evidence['ci95'][0]:.2f},{evidence['ci95'][1]:.2f}]"
+                        f" / {evidence['first_stage']}/{evidence['n']}")  # fmt: skip
+            print(f"{name:<11}{kind:<12}{cell['accuracy']:>9.2f}  [{cell['ci95'][0]:.2f}, {cell['ci95'][1]:.2f}]"
+                  f"{cell['right']:>5}/{cell['n']:<3}{cell['not_run']:>7}  {read}")  # fmt: skip
+    print("seconds: " + ", ".join(f"{name} {seconds:.0f}" for name, seconds in report["seconds"].items()))
     configs = report["configs"]
     print(f"\n{'question':<52}{'answer':<15}{'depth':>6}" + "".join(f"{n:>11}" for n in configs))
     for q in report["questions"]:

@@ -45,6 +45,10 @@ class Trial:
     # the plain model.
     evidence_rank: int | None = None
     evidence_read: bool | None = None
+    # The passage read's first stage (words and embeddings fused): whether the evidence was in
+    # view or among its `read_candidates` passages, and the worst rank of those holding it.
+    candidate_rank: int | None = None
+    candidate_found: bool | None = None
 
 
 # -- asking -----------------------------------------------------------------------------------------
@@ -110,20 +114,31 @@ def plain_answers(lm: MemoryLM, document: str, questions: list[Question]) -> lis
     return outputs
 
 
-def memory_answer(lm: MemoryLM, task: Task, memory: str, chat: bool = True) -> tuple[str, int | None, bool | None]:
-    """(output, evidence_rank, evidence_read) of a backend asked `task`'s question about the
-    document in `memory`: in the chat template, or with `chat` False the task's raw prompt
-    where it has one. The evidence is scored when the read reports what it placed in front of
-    the model and the task names its evidence sentences (else both None)."""
+@dataclass
+class MemoryAnswer:
+    output: str
+    evidence_rank: int | None = None  # see Trial
+    evidence_read: bool | None = None
+    candidate_rank: int | None = None
+    candidate_found: bool | None = None
+
+
+def memory_answer(lm: MemoryLM, task: Task, memory: str, chat: bool = True) -> MemoryAnswer:
+    """A backend's answer to `task`'s question about the document in `memory`: in the chat
+    template, or with `chat` False the task's raw prompt where it has one. The evidence is
+    scored, in what was read and among the first stage's candidates, when the read reports
+    what it placed in front of the model and the task names its evidence sentences."""
     if chat or task.prompt is None:
         answer = lm.generate_full(task.question, memory=memory, chat=True, max_new_tokens=task.answer_tokens)
     else:
         answer = lm.generate_full(task.prompt, memory=memory, chat=False, max_new_tokens=task.answer_tokens)
-    rank = read = None
+    found = MemoryAnswer(answer.text)
     if (answer.evidence or answer.in_view) and task.evidence:
         spans = token_spans(lm.tokenizer, task.document, task.evidence)
-        rank, read = evidence_found(answer.evidence, answer.in_view, spans)
-    return answer.text, rank, read
+        found.evidence_rank, found.evidence_read = evidence_found(answer.evidence, answer.in_view, spans)
+        if answer.candidates:
+            found.candidate_rank, found.candidate_found = evidence_found(answer.candidates, answer.in_view, spans)
+    return found
 
 
 # -- the run of one configuration ------------------------------------------------------------------
@@ -165,13 +180,13 @@ def run_config(
             if memory not in lm.memories():
                 lm.ingest(document, memory=memory, progress=False)
         for index, task in enumerate(tasks):
-            rank, read = None, None
             if lm is None:
-                output, visible = answered[index] or "", answered[index] is not None
+                found, visible = MemoryAnswer(answered[index] or ""), answered[index] is not None
             else:
-                (output, rank, read), visible = memory_answer(lm, task, memory, chat), None
+                found, visible = memory_answer(lm, task, memory, chat), None
             trials.append(Trial(name, family, task.kind, length, tokens, task.depth, seed, task.question,
-                                task.answer, output, task.score(output), visible, rank, read))  # fmt: skip
+                                task.answer, found.output, task.score(found.output), visible, found.evidence_rank,
+                                found.evidence_read, found.candidate_rank, found.candidate_found))  # fmt: skip
             right = [t.right for t in trials if t.length == length]
             bar.set_postfix(task=family, length=str(length), acc=f"{sum(right) / len(right):.2f}")
             bar.update()

@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,6 +141,7 @@ def add_votes(votes: dict[int, float], found: SearchResult, weights: np.ndarray)
             votes[int(start)] += float(weights[head] * share)
 
 
+ANNOUNCES = re.compile(r":\s*>?\s*$")  # a sentence ending in a colon (Vim's help marks examples with ">")
 WORD = re.compile(r"(\W*)(\w+)")  # the gap before a word, and the word: letters, digits, _ in any script
 
 
@@ -191,22 +192,31 @@ def term_weights(holding: dict[str, np.ndarray]) -> dict[str, float]:
     return weights
 
 
-def lexical_scores(words: Words, question: Sequence[str], block_len: int, grid: int, end: int) -> dict[int, float]:
+# How much an earlier chat turn's words count against the question's own: a follow-up
+# ("and where is her team based?") names its subject only in the turns before it.
+CONTEXT_WEIGHT = 0.5
+
+
+def lexical_scores(
+    words: Words, question: Sequence[str], block_len: int, grid: int, end: int, context: Sequence[str] = ()
+) -> dict[int, float]:
     """Each block's share of the `question`'s words: the sum of the `term_weights` of
-    those found in the block or its two neighbours. The neighbours count because a sentence
+    those found in the block or its two neighbours (the words of earlier chat turns,
+    `context`, at CONTEXT_WEIGHT). The neighbours count because a sentence
     often straddles two blocks: without them, a block holding the words a question shares
     with every sentence of its kind ("the door code of the ... room") beat the block holding
     the one name that tells them apart. Blocks [grid, end) in steps of block_len (the store's,
     or for the quote read the sinks' and local window's too); only those with a match. The
     memory keeps every token id: this needs nothing from the store."""
-    holding = words.holding(question, block_len, grid, end)
+    asked = set(question)
+    holding = words.holding(asked | set(context), block_len, grid, end)
     scores = np.zeros(max(0, (end - grid) // block_len))
     for word, weight in term_weights(holding).items():
         holds = holding[word]
         near = holds.copy()
         near[1:] |= holds[:-1]
         near[:-1] |= holds[1:]
-        scores += near * weight
+        scores += near * weight * (1.0 if word in asked else CONTEXT_WEIGHT)
     return {grid + i * block_len: float(scores[i]) for i in np.flatnonzero(scores > 0)}
 
 
@@ -231,32 +241,48 @@ def sentence_starts(pieces: Sequence[str]) -> tuple[list[int], set[int]]:
     return starts, paragraphs
 
 
-def question_sentences(passage: Passage, pieces: Sequence[str], weights: dict[str, float]) -> list[Passage]:
+def question_sentences(
+    passage: Passage,
+    pieces: Sequence[str],
+    weights: dict[str, float],
+    similarity: Callable[[list[str]], np.ndarray] | None = None,
+) -> list[Passage]:
     """The sentences of `passage` (its tokens' texts, `pieces`) that a question
     with these `term_weights` needs: those holding at least half the weight of the best one,
-    each with the sentence before and the one after it in its paragraph (an answer often lies
-    next to the sentence that names its subject: "There is a special command for this:
-    :wnext"); as runs of consecutive sentences, each a Passage with the passage's score and
-    rank. The whole passage when no sentence holds a word of the question. Neighbours stop at
-    a blank line: across one, they are about something else, and a small model answered from
-    them ("The OLE mechanism will use the first registered Vim it finds." for the city the
-    needle before it named)."""
+    and, given a `similarity` (sentence texts -> their similarity to the question, as the
+    dense index measures it), the most similar one: a paraphrased question shares no rare word
+    with its answer's sentence. Each with the sentence before and the one after it in its
+    paragraph (an answer often lies next to the sentence that names its subject: "There is a
+    special command for this: :wnext"); as runs of consecutive sentences, each a Passage with
+    the passage's score and rank. The whole passage when nothing picks a sentence. Neighbours
+    stop at a blank line: across one, they are about something else, and a small model
+    answered from them ("The OLE mechanism will use the first registered Vim it finds." for
+    the city the needle before it named)."""
     starts, paragraphs = sentence_starts(pieces)
     bounds = list(zip(starts, [*starts[1:], len(pieces)]))
     words = Words.of(pieces)
     in_sentence = [set(words.text[(words.starts >= a) & (words.starts < b)]) for a, b in bounds]
     held = [sum(weights.get(word, 0.0) for word in found) for found in in_sentence]
     best = max(held)
-    if best <= 0:
+    picked = {i for i, weight in enumerate(held) if best > 0 and weight >= best / 2}
+    if similarity is not None:
+        texts = ["".join(pieces[a:b]).strip() for a, b in bounds]
+        scores = np.where([bool(text) for text in texts], similarity(texts), -np.inf)
+        picked.add(int(np.argmax(scores)))
+    if not picked:
         return [passage]
     kept = set()
-    for i, weight in enumerate(held):
-        if weight >= best / 2:
-            kept.add(i)
-            if starts[i] not in paragraphs:
-                kept.add(i - 1)
-            if i + 1 < len(bounds) and starts[i + 1] not in paragraphs:
-                kept.add(i + 1)
+    for i in picked:
+        kept.add(i)
+        if starts[i] not in paragraphs:
+            kept.add(i - 1)
+        if i + 1 < len(bounds) and starts[i + 1] not in paragraphs:
+            kept.add(i + 1)
+    # A sentence that ends announcing what follows ("It is: >" and the command on its own
+    # line, in manuals) keeps what follows, blank line or not: that is usually the answer.
+    for i in sorted(kept):
+        if i + 1 < len(bounds) and ANNOUNCES.search("".join(pieces[slice(*bounds[i])])):
+            kept.add(i + 1)
     positions = [passage.start + t for i in sorted(kept) for t in range(*bounds[i])]
     return [Passage(start, end, passage.score, passage.rank) for start, end in runs(positions)]
 

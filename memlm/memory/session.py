@@ -85,6 +85,7 @@ class MemorySession:
             self.next_position = 0
             self.has_memory = False
             self.token_ids: list[int] = []
+            self.dense_from = 0
         else:
             keys = torch.from_numpy(state["window_keys"].astype(np.float32)).to(shape.device, shape.dtype)  # (layers, Hkv, N, D)
             values = torch.from_numpy(state["window_values"].astype(np.float32)).to(shape.device, shape.dtype)
@@ -93,6 +94,8 @@ class MemorySession:
             self.next_position = int(state["next_position"])
             self.has_memory = bool(state["has_memory"])
             self.token_ids = state["token_ids"].tolist()
+            # Where the dense index's next window starts (memlm/memory/dense.py).
+            self.dense_from = int(state["dense_from"]) if "dense_from" in state else len(self.token_ids)
         self._layout_done = False
         self._new_positions = torch.zeros(0, dtype=torch.long)
 
@@ -319,5 +322,6 @@ class MemorySession:
             "next_position": np.array(self.next_position),
             "has_memory": np.array(self.has_memory),
             "token_ids": np.array(self.token_ids, dtype=np.int32),
+            "dense_from": np.array(self.dense_from),
         }
 

@@ -83,8 +83,9 @@ class PipelineConfig:
             # so every segment would cross all shards twice: serve rmt in one process.
             raise ValueError("the rmt backend does not run as a Ray pipeline; serve it without --ray")
         # The passage read probes the prompt and fetches every layer's blocks from one place;
-        # across shards each actor holds its own layers, so a pipeline reads per head ("bag").
-        return replace(MemoryConfig(), backend=self.backend, **{"read": "bag", **self.settings})
+        # across shards each actor holds its own layers, so a pipeline reads per head ("bag"),
+        # and has no use for a dense index.
+        return replace(MemoryConfig(), backend=self.backend, **{"read": "bag", "embedder": None, **self.settings})
 
 
 def layer_blocks(num_layers: int, shards: int) -> list[tuple[int, int]]:

@@ -105,9 +105,13 @@ class SearchResult:
 
 @dataclass
 class MemoryStats:
+    """Sizes of a memory. Layers with a negative number hold a memory's other indexes (the
+    dense index of memlm/memory/dense.py): they count in `blocks_per_layer` and `bytes`, not
+    in `tokens`, which the attention layers' blocks give."""
+
     memory: str
     blocks_per_layer: dict[int, int] = field(default_factory=dict)
-    tokens: int = 0  # tokens per layer currently held (after FIFO eviction)
+    tokens: int = 0  # tokens per attention layer currently held (after FIFO eviction)
     bytes: int = 0  # keys + values + search keys + positions, all layers
 
 

@@ -324,10 +324,11 @@ class BufferedStore(ABC):
                 stats.blocks_per_layer[layer] = (
                     committed.blocks_per_layer.get(layer, 0) - hidden + pending.blocks_per_layer.get(layer, 0)
                 )
+            attention = [n for layer, n in stats.blocks_per_layer.items() if layer >= 0]  # see MemoryStats
             for source in (pending, committed):  # tokens = blocks * block_len of its biggest layer
-                most = max(source.blocks_per_layer.values(), default=0)
+                most = max((n for layer, n in source.blocks_per_layer.items() if layer >= 0), default=0)
                 if most:
-                    stats.tokens = max(stats.blocks_per_layer.values()) * (source.tokens // most)
+                    stats.tokens = max(attention) * (source.tokens // most)
                     break
             committed_total = sum(committed.blocks_per_layer.values())
             kept = (committed_total - hidden_total) / committed_total if committed_total else 0.0

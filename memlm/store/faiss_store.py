@@ -323,7 +323,8 @@ class FaissStore:
             stats = MemoryStats(memory=memory)
             for layer, stored in sorted(mem.layers.items()):
                 stats.blocks_per_layer[layer] = len(stored)
-                stats.tokens = max(stats.tokens, stored.positions.array.size)
+                if layer >= 0:  # an attention layer (see MemoryStats)
+                    stats.tokens = max(stats.tokens, stored.positions.array.size)
                 stats.bytes += sum(
                     a.array.nbytes for a in (stored.search_keys, stored.keys, stored.values, stored.positions)
                 )

@@ -201,7 +201,8 @@ class LanceStore(BufferedStore):
             stats = MemoryStats(memory)
             for layer, info in sorted(self._marker(memory).layers.items()):
                 stats.blocks_per_layer[layer] = info.live
-                stats.tokens = max(stats.tokens, info.live * info.block_len)
+                if layer >= 0:  # an attention layer (see MemoryStats)
+                    stats.tokens = max(stats.tokens, info.live * info.block_len)
                 stats.bytes += info.live * info.block_bytes
             return stats
 
