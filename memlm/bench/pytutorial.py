@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import glob
 import re
-import tempfile
 from pathlib import Path
 
 from bs4 import BeautifulSoup
 
-from memlm.bench.realdoc import Question, RealDocument, _run, installed_version
+from memlm.bench.realdoc import Question, RealDocument, package_files
 
 PACKAGE = "python3.11-doc"
 TUTORIAL_DIRS = "/usr/share/doc/python3.11/html/tutorial"  # where python3.11-doc installs it (a glob)
@@ -223,25 +222,7 @@ def _read_chapters(tutorial: Path) -> list[str]:
 def python_tutorial() -> RealDocument:
     """The whole Python tutorial as text, from the installed python3.11-doc, else from the
     package downloaded (not installed) into a temporary folder, as `vim_manual` does."""
-    tutorial = _tutorial_dir(TUTORIAL_DIRS)
-    if tutorial is not None:
-        texts, version, where = _read_chapters(tutorial), installed_version(PACKAGE), str(tutorial)
-    else:
-        with tempfile.TemporaryDirectory(prefix="memlm-realdoc-") as folder:
-            tmp = Path(folder)
-            try:
-                _run(["apt-get", "download", PACKAGE], cwd=tmp)
-                deb = next(tmp.glob(f"{PACKAGE}_*.deb"))
-                _run(["dpkg-deb", "-x", str(deb), str(tmp / "root")])
-            except (ValueError, StopIteration) as error:
-                why = str(error) or "no .deb downloaded"
-                raise ValueError(f"the Python tutorial is not installed ({TUTORIAL_DIRS}) and fetching {PACKAGE} "
-                                 f"failed: {why}; install {PACKAGE} or pass --file") from None  # fmt: skip
-            tutorial = _tutorial_dir(str(tmp / "root" / TUTORIAL_DIRS.lstrip("/")))
-            if tutorial is None:
-                raise ValueError(f"{deb.name} holds no tutorial ({TUTORIAL_DIRS}/{CHAPTERS[0]})")
-            texts, version = _read_chapters(tutorial), _run(["dpkg-deb", "-f", str(deb), "Version"]).strip()
-            where = f"{deb.name}, downloaded at benchmark time"
+    texts, version, where = package_files(PACKAGE, TUTORIAL_DIRS, _tutorial_dir, _read_chapters, "the Python tutorial")
     text, spans = "", {}
     for number, chapter in enumerate(texts, start=1):
         spans[number] = (len(text), len(text) + len(chapter))

@@ -35,9 +35,11 @@ import re
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 from memlm.bench.eval import config_lm, evidence_cell
 from memlm.bench.report import (
@@ -58,6 +60,8 @@ from memlm.engine import MemoryLM
 from memlm.model.loading import load_model
 from memlm.store import FaissStore
 from memlm.tasks import Task, score_answer
+
+T = TypeVar("T")
 
 # "plain": the model alone, its input cut to its window; "in-window": the model alone with the
 # chapter that holds the answer; the rest are memory backends.
@@ -234,28 +238,36 @@ def _read_chapters(doc_dir: Path, chapters: list[int]) -> dict[int, str]:
     return {n: (doc_dir / f"usr_{n:02d}.txt").read_text(encoding="utf-8", errors="replace") for n in chapters}
 
 
+def package_files(package: str, pattern: str, find: Callable[[str], Path | None], read: Callable[[Path], T],
+                  what: str) -> tuple[T, str | None, str]:  # fmt: skip
+    """`read(folder)` of a Debian package's folder (`find(pattern)`: the folder, or None) where
+    the package is installed, else in the package downloaded (not installed) into a temporary
+    folder; with the package's version and where it was read."""
+    found = find(pattern)
+    if found is not None:
+        return read(found), installed_version(package), str(found)
+    with tempfile.TemporaryDirectory(prefix="memlm-realdoc-") as folder:
+        tmp = Path(folder)
+        try:
+            _run(["apt-get", "download", package], cwd=tmp)
+            deb = next(tmp.glob(f"{package}_*.deb"))
+            _run(["dpkg-deb", "-x", str(deb), str(tmp / "root")])
+        except (ValueError, StopIteration) as error:
+            why = str(error) or "no .deb downloaded"
+            raise ValueError(f"{what} is not installed ({pattern}) and fetching {package} failed: {why}; "
+                             f"install {package} or pass --file") from None  # fmt: skip
+        found = find(str(tmp / "root" / pattern.lstrip("/")))
+        if found is None:
+            raise ValueError(f"{deb.name} holds no {what} ({pattern})")
+        version = _run(["dpkg-deb", "-f", str(deb), "Version"]).strip()
+        return read(found), version, f"{deb.name}, downloaded at benchmark time"
+
+
 def vim_manual(chapters: list[int]) -> RealDocument:
     """The chosen chapters of the Vim user manual, from the installed vim-runtime, else from
     the package downloaded (not installed) into a temporary folder."""
-    doc_dir = _manual_dir(VIM_DOCS)
-    if doc_dir is not None:
-        texts, version, where = _read_chapters(doc_dir, chapters), installed_version(PACKAGE), str(doc_dir)
-    else:
-        with tempfile.TemporaryDirectory(prefix="memlm-realdoc-") as folder:
-            tmp = Path(folder)
-            try:
-                _run(["apt-get", "download", PACKAGE], cwd=tmp)
-                deb = next(tmp.glob(f"{PACKAGE}_*.deb"))
-                _run(["dpkg-deb", "-x", str(deb), str(tmp / "root")])
-            except (ValueError, StopIteration) as error:
-                why = str(error) or "no .deb downloaded"
-                raise ValueError(f"the Vim manual is not installed ({VIM_DOCS}) and fetching {PACKAGE} failed: "
-                                 f"{why}; install {PACKAGE} or pass --file") from None  # fmt: skip
-            doc_dir = _manual_dir(str(tmp / "root" / VIM_DOCS.lstrip("/")))
-            if doc_dir is None:
-                raise ValueError(f"{deb.name} holds no user manual ({VIM_DOCS}/usr_01.txt)")
-            texts, version = _read_chapters(doc_dir, chapters), _run(["dpkg-deb", "-f", str(deb), "Version"]).strip()
-            where = f"{deb.name}, downloaded at benchmark time"
+    texts, version, where = package_files(PACKAGE, VIM_DOCS, _manual_dir, partial(_read_chapters, chapters=chapters),
+                                          "the Vim manual")  # fmt: skip
     text, spans = "", {}
     for number, chapter in texts.items():
         spans[number] = (len(text), len(text) + len(chapter))
