@@ -97,6 +97,9 @@ class MemoryConfig:
     dense_stride: int = 20
     # Windows the question's embedding fetches for the fusion (memlm/memory/reading.py).
     dense_top_k: int = 32
+    # The dense index's share of a block's first-stage score; the rest is the question's words'
+    # (`reading.combine`).
+    dense_weight: float = 0.5
     # Passages the first stage (words and embeddings fused) ranks; the read takes the best
     # `read_blocks` of them. Benchmarks report the evidence's rank among these.
     read_candidates: int = 16
@@ -137,6 +140,8 @@ class MemoryConfig:
                      "read_top_k", "read_blocks", "dense_window", "dense_stride", "dense_top_k", "read_candidates"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.dense_weight <= 1.0:
+            raise ValueError(f"dense_weight must lie in [0, 1], got {self.dense_weight}")
         if self.dense_stride > self.dense_window:
             raise ValueError(f"dense_stride ({self.dense_stride}) > dense_window ({self.dense_window}) leaves words unindexed")
         if self.sink_len < 0 or self.local_len < 0 or self.read_context < 0:

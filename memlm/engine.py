@@ -29,6 +29,7 @@ from memlm.memory.reading import (
     Passage,
     Words,
     add_votes,
+    combine,
     fuse,
     head_profile,
     lexical_scores,
@@ -332,10 +333,10 @@ class MemoryLM:
         self, session: MemorySession, prompt_ids: list[int], question: slice, context: str = ""
     ) -> tuple[list[Passage], list[Passage]]:
         """The passage read's selection (memlm/memory/reading.py): the question's rare words in
-        the blocks' text, its embedding against the dense index's windows, the retrieval
-        heads' votes from the question's search in every layer with one, fused by reciprocal
-        rank (`read_scoring` and `embedder` choose which). `context`: the earlier chat turns'
-        text, which a follow-up question leans on. Returns the passages read (the best
+        the blocks' text and its embedding against the dense index's windows, combined
+        (`combine`); the retrieval heads' votes from the question's search in every layer with
+        one, fused with those by reciprocal rank (`read_scoring` and `embedder` choose which).
+        `context`: the earlier chat turns' text, which a follow-up question leans on. Returns the passages read (the best
         `read_blocks`) and the first stage's `read_candidates` (for benchmarks)."""
         config = self.config
         # The blocks the store still holds: the newest ones before the local window (FIFO).
@@ -344,7 +345,7 @@ class MemoryLM:
         held = min((n for layer, n in self.store.stats(session.memory).blocks_per_layer.items() if layer >= 0),
                    default=0)  # fmt: skip
         oldest = max(config.sink_len, window_start - held * config.block_len)
-        rankings = []
+        lexical: dict[int, float] = {}
         if config.read_scoring in ("lexical", "hybrid"):
             words, asked = self.words(session.token_ids), self.words(prompt_ids[question]).text
             earlier = self.words(self.text_ids(context)).text if context else ()
@@ -352,26 +353,27 @@ class MemoryLM:
                 # The quote read quotes text, so the sinks' and the local window's too: in view
                 # but far from the question, the model answered 1 of 12 facts there (eval_words,
                 # 2k tokens) against 30 of 30 quoted from the store. Evicted blocks stay forgotten.
-                scores = lexical_scores(words, asked, config.block_len, 0, len(session.token_ids), earlier)
-                scores = {start: score for start, score in scores.items() if not config.sink_len <= start < oldest}
+                lexical = lexical_scores(words, asked, config.block_len, 0, len(session.token_ids), earlier)
+                lexical = {start: score for start, score in lexical.items() if not config.sink_len <= start < oldest}
             else:
-                scores = lexical_scores(words, asked, config.block_len, oldest, window_start, earlier)
-            rankings.append(scores)
+                lexical = lexical_scores(words, asked, config.block_len, oldest, window_start, earlier)
+        dense: dict[int, float] = {}
         query = self.question_vector(prompt_ids[question], context)
         if query is not None and config.read_scoring != "attention":
             windows = search_windows(self.store, session.memory, query, config.dense_top_k)
             end = len(session.token_ids) if config.read == "quote" else window_start
             windows = [w for w in windows if w.start < end]
-            rankings.append(window_block_scores(windows, config.block_len, config.sink_len, oldest))
-        rankings = [ranking for ranking in rankings if ranking]
+            dense = window_block_scores(windows, config.block_len, config.sink_len, oldest)
+        found = combine(lexical, dense, config.dense_weight) if lexical and dense else lexical or dense
+        rankings = [found] if found else []
         # The heads' votes; for the other scorings, when neither words nor windows found anything.
         if config.read_scoring in ("attention", "hybrid") or not rankings:
             weights = self.head_profile.weights
             voting = [layer for layer in range(len(weights)) if weights[layer].any()]
             votes = new_votes()
-            for layer, found in self.search_with_question(session, prompt_ids, question, voting).items():
-                if found.k:
-                    add_votes(votes, found, weights[layer])
+            for layer, result in self.search_with_question(session, prompt_ids, question, voting).items():
+                if result.k:
+                    add_votes(votes, result, weights[layer])
             rankings.append(votes)
         scores = fuse(rankings) if len(rankings) > 1 else rankings[0]
         candidates = select_passages(scores, config.block_len, max(config.read_candidates, config.read_blocks),

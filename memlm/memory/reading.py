@@ -210,14 +210,31 @@ def lexical_scores(
     memory keeps every token id: this needs nothing from the store."""
     asked = set(question)
     holding = words.holding(asked | set(context), block_len, grid, end)
+    weights = term_weights(holding)
     scores = np.zeros(max(0, (end - grid) // block_len))
-    for word, weight in term_weights(holding).items():
+    for word, weight in weights.items():
         holds = holding[word]
         near = holds.copy()
         near[1:] |= holds[:-1]
         near[:-1] |= holds[1:]
         scores += near * weight * (1.0 if word in asked else CONTEXT_WEIGHT)
-    return {grid + i * block_len: float(scores[i]) for i in np.flatnonzero(scores > 0)}
+    # A share of the weight of all the question's words, a word the memory lacks weighing as
+    # a word in no block would: a question whose rare words are nowhere scores low everywhere.
+    absent = float(np.log((len(scores) + 1) / 0.5))
+    total = sum(weights.get(word, absent) * (1.0 if word in asked else CONTEXT_WEIGHT) for word in holding)
+    return {grid + i * block_len: float(scores[i] / total) for i in np.flatnonzero(scores > 0)}
+
+
+def combine(lexical: dict[int, float], dense: dict[int, float], dense_weight: float) -> dict[int, float]:
+    """The first stage's blocks scored by both rankings: `dense_weight` of the dense index's
+    similarity (each block's best window; the weakest one fetched for blocks it did not
+    fetch) and the rest of the lexical share (`lexical_scores`, 0 where no word matched). A
+    question that names its fact's rare words is decided by them; one that paraphrases it,
+    by its embedding. Reciprocal rank fusion weighed both alike, and among look-alike facts
+    ("the access code for the ...") the embedding's favourite beat the one the name picks."""
+    floor = min(dense.values(), default=0.0)
+    return {block: dense_weight * dense.get(block, floor) + (1 - dense_weight) * lexical.get(block, 0.0)
+            for block in lexical.keys() | dense.keys()}  # fmt: skip
 
 
 def sentence_starts(pieces: Sequence[str]) -> tuple[list[int], set[int]]:
