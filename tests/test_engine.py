@@ -157,8 +157,10 @@ def test_bad_input_is_refused_with_a_clear_message() -> None:
     stats = lm.store.stats("doc")
     with pytest.raises(ValueError, match="empty"):
         lm.ingest("   ", "doc")
-    with pytest.raises(ValueError, match="bad memory name"):
-        lm.ingest("text", "../etc")
+    for name in ("../etc", "probe\n", "a" * 129):  # "$" matches before a final newline: the name is checked whole
+        with pytest.raises(ValueError, match="bad memory name"):
+            lm.ingest("text", name)
+    assert lm.memories() == ["doc"]
     with pytest.raises(ValueError, match="token ids"):
         lm.ingest_tokens([1, 2, 999], "doc")
     with pytest.raises(MemoryNotFound, match="known memories: doc"):

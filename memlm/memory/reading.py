@@ -12,10 +12,13 @@ each fact answers 7/8). The passage read instead:
 2. *scores* blocks: per layer and query head, the question's summed query searches the
    memory's blocks and each head's top blocks get votes weighted by how reliably that head
    finds evidence (`HeadProfile`, measured by `memlm calibrate heads`) and by rank; the
-   question's rare words in each block's text score them too (`lexical_scores`, on `Words`), and
-   the two rankings are fused (`fuse`; `read_scoring` picks either alone);
+   question's rare words in each block's text score them too (`lexical_scores`, on `Words`),
+   combined with the question's similarity to the dense index's windows (`combine`;
+   memlm/memory/dense.py), and the votes are fused with those by rank (`fuse`; `read_scoring`
+   picks which take part);
 3. *selects* one set of passages for the whole model (`select_passages`): the best blocks,
-   widened by their neighbours to whole blocks, merged, in document order;
+   widened by their neighbours to whole blocks, merged, in document order: the candidates,
+   of which the best `read_blocks` are read;
 4. *reads* them coherently: every layer's stored keys and values of those blocks go between
    the document's first tokens and its local window, at consecutive positions
    (`MemorySession.place_passages`), or, with `read="reread"`, the passages' text (the

@@ -21,7 +21,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-MEMORY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+MEMORY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 class MemoryNotFound(KeyError):
@@ -37,9 +37,11 @@ class MemoryNotFound(KeyError):
 
 def check_memory_name(memory: str) -> str:
     """Memory names become directory names and table filters: letters, digits, `_.-` only."""
-    if not isinstance(memory, str) or not MEMORY_NAME.match(memory) or ".." in memory:
+    # fullmatch, not match: the pattern's "$" also matches before a final newline ("probe\n").
+    if not isinstance(memory, str) or not MEMORY_NAME.fullmatch(memory) or ".." in memory:
+        shown = memory if not isinstance(memory, str) or len(memory) <= 64 else memory[:64] + "..."
         raise ValueError(
-            f"bad memory name {memory!r}: use 1-128 letters, digits, '_', '.' or '-', starting with a letter or digit"
+            f"bad memory name {shown!r}: use 1-128 letters, digits, '_', '.' or '-', starting with a letter or digit"
         )
     return memory
 
