@@ -24,7 +24,6 @@ from memlm.memory.backends import make_backend
 from memlm.memory.base import Logits, Retrieval, Session
 from memlm.memory.dense import search_windows, window_block_scores, write_windows
 from memlm.memory.reading import (
-    CONTEXT_WEIGHT,
     HeadProfile,
     Passage,
     Words,
@@ -37,9 +36,9 @@ from memlm.memory.reading import (
     question_search_keys,
     question_sentences,
     question_span,
+    question_weights,
     reread_ids,
     select_passages,
-    term_weights,
 )
 from memlm.memory.recurrent import RecurrentSession
 from memlm.memory.session import MemorySession
@@ -119,7 +118,6 @@ class MemoryLM:
         self._token_texts: dict[int, str] = {}  # `token_texts`' decoded tokens
         self._prefixes: OrderedDict[tuple[int, ...], MemorySession] = OrderedDict()  # `prefix_session`'s, newest last
         self._prefixes_guard = threading.Lock()
-        self._question_vector: tuple[str | None, np.ndarray | None] = (None, None)
 
     @classmethod
     def load(
@@ -330,14 +328,16 @@ class MemoryLM:
         return found
 
     def read_passages(
-        self, session: MemorySession, prompt_ids: list[int], question: slice, context: str = ""
-    ) -> tuple[list[Passage], list[Passage]]:
+        self, session: MemorySession, prompt_ids: list[int], question: slice, context: str = "",
+        query: np.ndarray | None = None,
+    ) -> tuple[list[Passage], list[Passage]]:  # fmt: skip
         """The passage read's selection (memlm/memory/reading.py): the question's rare words in
         the blocks' text and its embedding against the dense index's windows, combined
         (`combine`); the retrieval heads' votes from the question's search in every layer with
         one, fused with those by reciprocal rank (`read_scoring` and `embedder` choose which).
-        `context`: the earlier chat turns' text, which a follow-up question leans on. Returns the passages read (the best
-        `read_blocks`) and the first stage's `read_candidates` (for benchmarks)."""
+        `context`: the earlier chat turns' text, which a follow-up question leans on; `query`:
+        the question's embedding (`question_vector`, made here when not given). Returns the
+        passages read (the best `read_blocks`) and the first stage's `read_candidates`."""
         config = self.config
         # The blocks the store still holds: the newest ones before the local window (FIFO).
         in_window = session.positions[session.sink_count :]
@@ -358,7 +358,7 @@ class MemoryLM:
             else:
                 lexical = lexical_scores(words, asked, config.block_len, oldest, window_start, earlier)
         dense: dict[int, float] = {}
-        query = self.question_vector(prompt_ids[question], context)
+        query = query if query is not None else self.question_vector(prompt_ids[question], context)
         if query is not None and config.read_scoring != "attention":
             windows = search_windows(self.store, session.memory, query, config.dense_top_k)
             end = len(session.token_ids) if config.read == "quote" else window_start
@@ -384,28 +384,24 @@ class MemoryLM:
 
     def question_vector(self, question_ids: list[int], context: str = "") -> np.ndarray | None:
         """The question's embedding (dim,), with the earlier chat turns it leans on; None
-        without an embedder. Kept for the last question: the read and the trim both ask."""
+        without an embedder."""
         if self.embedder is None:
             return None
-        text = f"{context}\n{self.tokenizer.decode(question_ids).strip()}".strip()
-        cached = self._question_vector  # one read: another thread may replace it
-        if cached[0] != text:
-            cached = self._question_vector = (text, self.embedder.embed([text])[0])
-        return cached[1]
+        return self.embedder.embed([f"{context}\n{self.tokenizer.decode(question_ids).strip()}".strip()])[0]
 
     def sentences_for(
-        self, token_ids: list[int], passages: list[Passage], question_ids: list[int], context: str = ""
-    ) -> list[Passage]:
+        self, token_ids: list[int], passages: list[Passage], question_ids: list[int], context: str = "",
+        query: np.ndarray | None = None,
+    ) -> list[Passage]:  # fmt: skip
         """The sentences of each passage the question needs (`reading.question_sentences`),
         its words weighed by how rare they are across the whole document (an earlier chat
-        turn's at CONTEXT_WEIGHT)."""
+        turn's at CONTEXT_WEIGHT), and with the question's embedding `query`, the sentence
+        most like it."""
         asked = set(self.words(question_ids).text)
         earlier = set(self.words(self.text_ids(context)).text) if context else set()
         holding = self.words(token_ids).holding(asked | earlier, self.config.block_len, 0, len(token_ids))
-        weights = {word: weight * (1.0 if word in asked else CONTEXT_WEIGHT)
-                   for word, weight in term_weights(holding).items()}  # fmt: skip
+        weights = question_weights(holding, asked)
         similarity = None
-        query = self.question_vector(question_ids, context)
         if query is not None:
             similarity = lambda texts: self.embedder.embed(texts) @ query  # noqa: E731
         found = []
@@ -577,13 +573,14 @@ class MemoryLM:
         if self.config.read == "bag" or not session.has_memory:
             return session, prompt_ids, [], []
         question, context = self.question_span(prompt, chat), earlier_turns(prompt)
-        evidence, candidates = self.read_passages(session, prompt_ids, question, context)
+        query = self.question_vector(prompt_ids[question], context)  # the read and the trim both use it
+        evidence, candidates = self.read_passages(session, prompt_ids, question, context, query)
         if self.config.read == "passages" and len(session.memory_layers) == self.shape.num_layers:
             session.place_passages(self.fetch_passages(session, evidence))
             return session, prompt_ids, evidence, candidates
         # "quote", "reread", or memory in some layers only: the others hold no passage keys.
         if self.config.read_sentences:
-            evidence = self.sentences_for(session.token_ids, evidence, prompt_ids[question], context)
+            evidence = self.sentences_for(session.token_ids, evidence, prompt_ids[question], context, query)
         if self.config.read == "quote":
             session, inputs = self.quote_session(session, evidence, prompt, chat)
         else:

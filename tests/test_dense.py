@@ -14,7 +14,7 @@ import pytest
 
 from memlm.engine import IngestCancelled
 from memlm.memory.dense import DENSE_LAYER, search_windows, window_spans
-from memlm.memory.reading import Words, question_sentences, sentence_starts
+from memlm.memory.reading import Passage, Words, question_sentences, sentence_starts
 from memlm.model.embedder import Embedder, embedder_dir
 from memlm.store import open_store
 from tests.conftest import tiny_lm
@@ -154,10 +154,7 @@ def test_a_follow_up_question_reads_for_the_earlier_turns_subject() -> None:
 
 def test_the_trim_keeps_the_sentence_most_like_the_question_and_what_a_colon_announces() -> None:
     pieces = list("Vim has many commands. To leave and throw away changes, there is one: >\n\n\t:q!\n\nUnrelated text here.")
-    passage_end = len(pieces)
-    from memlm.memory.reading import Passage
-
-    passage = Passage(0, passage_end, 1.0, 0)
+    passage = Passage(0, len(pieces), 1.0, 0)
     texts = []
 
     def similarity(sentences: list[str]) -> np.ndarray:

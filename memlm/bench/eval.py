@@ -215,9 +215,7 @@ def summarize(trials: list[Trial], config: EvalConfig) -> tuple[dict, dict, dict
             for length in config.all_lengths:
                 cell = [t for t in trials if t.kind == kind and t.config == name and t.length == length]
                 accuracy[kind][name][str(length)] = accuracy_cell(sum(t.right for t in cell), len(cell))
-                scored = [t for t in cell if t.evidence_read is not None]
-                read = sum(t.evidence_read for t in scored)
-                evidence[kind][name][str(length)] = evidence_cell(scored)
+                evidence[kind][name][str(length)] = evidence_cell(cell)
         reference = in_window_reference(accuracy[kind], config)
         for name in config.configs:
             retention[kind][name] = {
@@ -227,10 +225,12 @@ def summarize(trials: list[Trial], config: EvalConfig) -> tuple[dict, dict, dict
     return accuracy, retention, evidence
 
 
-def evidence_cell(scored: list[Trial]) -> dict:
-    """{read, n, recall, ci95, median_rank, first_stage, first_stage_ci95} of trials whose
-    evidence was scored: `read` had it in front of the model, `first_stage` among the first
-    stage's candidates (or in view); the median rank of the passage read that brought it."""
+def evidence_cell(trials: list[Trial]) -> dict:
+    """{read, n, recall, ci95, median_rank, first_stage, first_stage_ci95} of the trials whose
+    evidence was scored (n; those of configurations that read passages or blocks): `read` had
+    it in front of the model, `first_stage` among the first stage's candidates (or in view);
+    the median rank of the passage read that brought it."""
+    scored = [t for t in trials if t.evidence_read is not None]
     read = sum(t.evidence_read for t in scored)
     found = sum(bool(t.candidate_found) for t in scored)
     ranks = [t.evidence_rank for t in scored if t.evidence_rank is not None]  # read from memory

@@ -45,7 +45,6 @@ from memlm.bench.eval import config_lm, evidence_cell
 from memlm.bench.report import (
     BENCH_DTYPE,
     accuracy_cell,
-    accuracy_text,
     adapter_names,
     check_names,
     interval_errors,
@@ -405,8 +404,6 @@ def evaluate(config: RealdocConfig) -> dict:
                        "depth": round(t.depth, 4), "paraphrased": t.paraphrased} for t in tasks],  # fmt: skip
         "accuracy": accuracy,
         "by_kind": by_kind,
-        "read": {"embedder": MemoryConfig().embedder, "read_blocks": MemoryConfig().read_blocks,
-                 "read_candidates": MemoryConfig().read_candidates},
         "seconds": seconds,
         # Trial.tokens: what that configuration's document held (for in-window, the chapter);
         # visible False: the plain model's window lacked the answer, so it was not run.
@@ -417,9 +414,8 @@ def evaluate(config: RealdocConfig) -> dict:
 def realdoc_cell(trials: list) -> dict:
     """Accuracy with its Wilson interval, how many the plain model could not run, and for the
     memory backends that read passages, evidence recall and the first stage's (`evidence_cell`)."""
-    scored = [t for t in trials if t.evidence_read is not None]
     return {**accuracy_cell(sum(t.right for t in trials), len(trials)),
-            "not_run": sum(t.visible is False for t in trials), "evidence": evidence_cell(scored)}  # fmt: skip
+            "not_run": sum(t.visible is False for t in trials), "evidence": evidence_cell(trials)}  # fmt: skip
 
 
 def run(config: RealdocConfig) -> dict:

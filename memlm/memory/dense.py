@@ -44,13 +44,11 @@ def window_spans(pieces: Sequence[str], size: int, stride: int, final: bool) -> 
     spans = []
     for first in range(0, num_words, stride):
         last = first + size
-        if last < num_words:
-            spans.append((int(starts[first]), int(starts[last])))
-        elif final:
-            spans.append((int(starts[first]), len(pieces)))
+        if last >= num_words:  # the window reaches the end: its end is known only at the last
+            if final:
+                spans.append((int(starts[first]), len(pieces)))
             break
-        else:
-            break
+        spans.append((int(starts[first]), int(starts[last])))
     if final:
         return spans, len(pieces)
     following = len(spans) * stride

@@ -213,19 +213,24 @@ def lexical_scores(
     memory keeps every token id: this needs nothing from the store."""
     asked = set(question)
     holding = words.holding(asked | set(context), block_len, grid, end)
-    weights = term_weights(holding)
     scores = np.zeros(max(0, (end - grid) // block_len))
-    for word, weight in weights.items():
+    for word, weight in question_weights(holding, asked).items():
         holds = holding[word]
         near = holds.copy()
         near[1:] |= holds[:-1]
         near[:-1] |= holds[1:]
-        scores += near * weight * (1.0 if word in asked else CONTEXT_WEIGHT)
+        scores += near * weight
     # A share of the weight of all the question's words, a word the memory lacks weighing as
     # a word in no block would: a question whose rare words are nowhere scores low everywhere.
-    absent = float(np.log((len(scores) + 1) / 0.5))
-    total = sum(weights.get(word, absent) * (1.0 if word in asked else CONTEXT_WEIGHT) for word in holding)
+    total = sum(question_weights(holding, asked, missing=float(np.log((len(scores) + 1) / 0.5))).values())
     return {grid + i * block_len: float(scores[i] / total) for i in np.flatnonzero(scores > 0)}
+
+
+def question_weights(holding: dict[str, np.ndarray], asked: set[str], missing: float = 0.0) -> dict[str, float]:
+    """Each word's `term_weights` (`missing` for a word in no block), a word of an earlier
+    chat turn (not in `asked`, the question's own) at CONTEXT_WEIGHT."""
+    found = term_weights(holding)
+    return {word: found.get(word, missing) * (1.0 if word in asked else CONTEXT_WEIGHT) for word in holding}
 
 
 def combine(lexical: dict[int, float], dense: dict[int, float], dense_weight: float) -> dict[int, float]:
