@@ -43,7 +43,7 @@ from memlm.memory.reading import (
 from memlm.memory.recurrent import RecurrentSession
 from memlm.memory.session import MemorySession
 from memlm.model.adapter import load_adapter, shipped_adapter
-from memlm.model.embedder import Embedder
+from memlm.model.embedder import Embedder, embedder_dir
 from memlm.model.install import install_memory_attention
 from memlm.model.loading import load_model, resolve_dtype
 from memlm.store import MemoryNotFound, VectorStore, check_memory_name, open_store
@@ -108,6 +108,8 @@ class MemoryLM:
         self.shape = install_memory_attention(model)
         self.max_positions = int(model.config.max_position_embeddings)
         config.validate(self.shape.num_layers, self.max_positions)
+        if config.embedder is not None:
+            embedder_dir(config.embedder)  # a missing embedder is refused here, not mid-ingest
         self.config = config
         self.backend = make_backend(config, self.shape.num_layers, self.shape.num_heads, model)
         # Whose votes count in the passage read (memlm/memory/reading.py): the shipped profile on

@@ -106,8 +106,10 @@ def test_a_memory_refuses_a_reader_set_to_another_embedder(tmp_path) -> None:
         reader = tiny_lm(store=open_store(f"faiss://{tmp_path / 'store'}"), **{**SETTINGS, "embedder": embedder})
         with pytest.raises(ValueError, match="indexed with embedder 'all-MiniLM-L6-v2'"):
             reader.generate("When does the ferry leave?", memory="doc", chat=False, max_new_tokens=1)
-    # A checkpoint directory works as an embedder of its own name.
+    # A checkpoint directory works as an embedder of its own name; a missing one is refused at load.
     assert Embedder.load(str(other)).name == "my-embedder"
+    with pytest.raises(ValueError, match="no embedder at"):
+        tiny_lm(**{**SETTINGS, "embedder": str(tmp_path / "missing")})
 
 
 def paraphrase_lm(**settings):
